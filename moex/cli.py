@@ -1,0 +1,95 @@
+"""`moex train|eval|info …` — the command line.
+
+    moex train recipes/chess-tiny.yaml model.moe.num_experts=16 train.max_steps=200
+    moex eval runs/chess-tiny
+    moex info recipes/gpt2-small-moex.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moex import config as C
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moex", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a recipe (resumes automatically from the run's last checkpoint)")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
+    t.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints (train.resume=never)")
+
+    e = sub.add_parser("eval", help="perplexity, load balance and sparsity of a run or checkpoint")
+    e.add_argument("path", help="run directory or checkpoint directory")
+    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    e.add_argument("--batch-size", type=int, default=0)
+    e.add_argument("--out", help="write the JSON report here (default RUN/eval-<split>.json)")
+
+    i = sub.add_parser("info", help="build a recipe's model on the meta device and print parameter counts")
+    i.add_argument("recipe")
+    i.add_argument("overrides", nargs="*")
+    return p
+
+
+def cmd_train(args) -> int:
+    overrides = list(args.overrides)
+    if args.fresh:
+        overrides.append("train.resume=never")
+    cfg = C.load(args.recipe, overrides)
+    from moex.training import checkpoint
+    from moex.training.trainer import train
+
+    if args.resume:
+        from pathlib import Path
+
+        ckpts = Path(cfg.train.out_dir) / (cfg.train.run_name or "run") / "checkpoints"
+        if checkpoint.latest_tag(ckpts) is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpts}")
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from moex.eval.report import evaluate_checkpoint, format_report, write_report
+
+    res = evaluate_checkpoint(args.path, split=args.split, max_batches=args.max_batches, batch_size=args.batch_size)
+    print(format_report(res))
+    out = args.out or Path(res["checkpoint"]).parent.parent / f"eval-{args.split}.json"
+    write_report(res, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moex.models.info import describe
+
+    cfg = C.load(args.recipe, args.overrides)
+    print(json.dumps(describe(cfg), indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moex.parallel.launch import strip_local_rank
+
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except C.ConfigError as e:
+        print(f"moex: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Configuration: keyword-only dataclasses per component, YAML recipes, dotted overrides.
+
+A recipe is a YAML mapping whose top-level keys are the fields of `Config`
+(`model`, `data`, `optim`, `train`, `deepspeed`, `parallel`). Overrides on the
+command line use dotted paths: `model.moe.num_experts=16 train.max_steps=200`.
+Unknown keys and values of the wrong type raise `ConfigError` naming the key
+and listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """A sparse FFN layer: router -> permutation -> experts -> weighted combine."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 256  # hidden units per expert
+    activation: Literal["relu", "gelu"] = "relu"
+    router: str = "moex"  # a name in moex.routers.REGISTRY
+    # None = dropless (default). A float c caps each expert at ceil(c * T * k / E) tokens.
+    capacity_factor: Optional[float] = None
+    aux_loss_coef: float = 1e-2  # Switch load-balancing loss alpha
+    z_loss_coef: float = 1e-3  # router z-loss
+    gemm_backend: str = "auto"  # moex.ops.grouped_gemm backends
+    # expert-choice: tokens per expert = capacity_factor * T * k / E (k from top_k)
+    # aux-loss-free balancing (sigmoid gates): bias step per update
+    bias_update_rate: float = 1e-3
+    # PEER / Monet product-key settings (used only by those layers)
+    num_sub_experts: int = 16  # sub-experts per key set (experts = this squared)
+    num_heads: int = 1
+    router_share_every: int = 1  # Monet: one router shared by groups of this many layers
+    monet_mode: Literal["hd", "vd"] = "hd"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    block_size: int = 256  # context length
+    dropout: float = 0.0
+    pos_emb: Literal["rope", "learned"] = "rope"
+    attn_backend: Literal["sdpa", "flash"] = "sdpa"
+    tie_embeddings: bool = True
+    # FFN per layer: "dense" or one of the sparse layers ("moe", "monet", "peer").
+    ffn: Literal["dense", "moe", "monet", "peer"] = "moe"
+    moe_every: int = 1  # layer i is sparse when i % moe_every == moe_every - 1
+    d_ff: int = 512  # dense MLP hidden size
+    mlp_activation: Literal["relu", "gelu"] = "gelu"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    init_std: float = 0.02
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # chess_random: games generated with python-chess (no download needed)
+    # pgn: a PGN file; text: local text file(s) or a Hugging Face dataset name
+    source: Literal["chess_random", "pgn", "text"] = "chess_random"
+    root: str = "../shared/data"  # relative paths below resolve against this (env MOEX_DATA_ROOT wins)
+    path: Optional[str] = None  # file, directory or hub dataset name
+    val_path: Optional[str] = None  # optional separate validation file
+    hf_config: Optional[str] = None
+    text_field: str = "text"
+    tokenizer: Literal["chess", "byte", "char", "sentencepiece"] = "chess"
+    vocab_size: int = 8000  # sentencepiece only
+    num_games: int = 2000  # chess_random: games to generate; pgn: max games to read (0 = all)
+    max_game_chars: int = 1023
+    val_fraction: float = 0.05
+    seed: int = 1234
+    cache_dir: str = ".moex_cache"
+
+
+# --------------------------------------------------------------------------- optim / train
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 300
+    batch_size: int = 16  # micro-batch per rank
+    grad_accum: int = 1
+    seed: int = 1337
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    run_name: Optional[str] = None  # default: recipe stem
+    resume: Literal["never", "auto"] = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2] = 0
+    skip_shm_comm: bool = True  # skip the ~65 s JIT build of the CPU shm comm op
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    ep_size: int = 1  # expert-parallel degree
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return origin(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'; valid keys of {where or 'the recipe'}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Build a validated Config from a nested mapping."""
+    return _build(Config, data or {})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a nested dict."""
+    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or defaults when None), apply overrides, validate."""
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.exists():
+            raise ConfigError(f"recipe not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    cfg = from_dict(apply_overrides(data, overrides or []))
+    if cfg.train.run_name is None and recipe is not None:
+        cfg.train.run_name = Path(recipe).stem
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type check alone cannot catch."""
+    m = cfg.model
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
+    if m.ffn == "moe":
+        if not 1 <= m.moe.top_k <= m.moe.num_experts:
+            raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in [1, num_experts={m.moe.num_experts}]")
+        if m.moe.num_experts % cfg.parallel.ep_size:
+            raise ConfigError(
+                f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.ep_size={cfg.parallel.ep_size}"
+            )
+    if cfg.data.source in ("pgn", "text") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, load balance, expert sparsity."""

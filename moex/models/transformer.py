@@ -1,0 +1,119 @@
+"""GPT-style decoder: pre-norm blocks of causal attention + an FFN chosen per layer.
+
+Shape key: B batch, T time, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moex.config import ModelConfig
+from moex.models.attention import CausalSelfAttention, rope_cache
+from moex.models.mlp import DenseMLP
+from moex.models.outputs import FFNOutput
+
+
+def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The FFN of layer `layer`: dense, or the configured sparse layer on every `moe_every`-th layer."""
+    sparse = cfg.ffn != "dense" and layer % cfg.moe_every == cfg.moe_every - 1
+    if not sparse:
+        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation)
+    if cfg.ffn == "moe":
+        from moex.models.moe import MoELayer
+
+        return MoELayer(cfg.d_model, cfg.moe, std=cfg.init_std)
+    from moex.models import sparse_layers
+
+    return sparse_layers.build(cfg, layer)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.attn = CausalSelfAttention(
+            cfg.d_model, cfg.n_head, dropout=cfg.dropout, rope=cfg.pos_emb == "rope", backend=cfg.attn_backend
+        )
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.ffn = build_ffn(cfg, layer)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: Tensor, rope_cs) -> tuple[Tensor, FFNOutput]:
+        x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD), rope_cs))
+        out = self.ffn(self.ln2(x_BTD))
+        return x_BTD + self.drop(out.y), out
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None  # cross-entropy + aux losses (what the optimizer minimises)
+    ce_loss: Tensor | None  # cross-entropy alone (what perplexity is made of)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # summed over layers
+    layer_stats: list[dict[str, Tensor]] = field(default_factory=list)  # one per layer
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith(("proj.weight", "w2_EHD")):
+                nn.init.normal_(p, 0.0, cfg.init_std / (2 * cfg.n_layer) ** 0.5)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> ModelOutput:
+        B, T = idx_BT.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        x = self.wte(idx_BT)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx_BT.device))
+        rope_cs = None
+        if self.cfg.pos_emb == "rope":
+            rope_cs = rope_cache(T, self.cfg.d_model // self.cfg.n_head, device=idx_BT.device)
+        x = self.drop(x)
+        aux: dict[str, Tensor] = {}
+        stats = []
+        for block in self.blocks:
+            x, out = block(x, rope_cs)
+            for k, v in out.aux_losses.items():
+                aux[k] = aux[k] + v if k in aux else v
+            stats.append(out.stats)
+        logits = self.lm_head(self.ln_f(x))
+        loss = ce = None
+        if targets_BT is not None:
+            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1))
+            loss = ce + sum(aux.values()) if aux else ce
+        return ModelOutput(logits, loss, ce, aux, stats)
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """Total parameters and parameters active per token (experts scaled by K/E; embeddings once)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    for m in model.modules():
+        if hasattr(m, "active_params"):
+            active -= m.active_params()[0] - m.active_params()[1]
+        elif m.__class__.__name__ == "MoELayer":
+            n = m.experts.w1_EDH.numel() + m.experts.w2_EHD.numel()
+            active -= n - n * m.cfg.top_k // m.cfg.num_experts
+    return {"total": total, "active": active}

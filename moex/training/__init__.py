@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed trainer, LR schedule, atomic checkpoints."""

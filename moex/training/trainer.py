@@ -1,0 +1,267 @@
+"""The DeepSpeed trainer: one process or many, CPU or GPU, resumable exactly.
+
+Data batches are a pure function of the step, so a checkpoint needs only the
+step, the DeepSpeed engine state (model, optimizer, LR schedule) and the RNG
+states for a resumed run to reproduce the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from moex import config as C
+from moex.eval.balance import StatsAccumulator, format_balance
+from moex.eval.perplexity import evaluate
+from moex.training import checkpoint, distributed
+from moex.training.optim import build_optimizer, deepspeed_config, mark_expert_params
+from moex.training.schedule import lr_at
+
+PREEMPTED_EXIT_CODE = 124
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class _Signals:
+    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config, *, log=print):
+        self.cfg, self.log = cfg, log
+        self.info = distributed.init(cfg.deepspeed.skip_shm_comm)
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.device = distributed.device_for(self.info)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        from moex.data import build_data
+        from moex.models import GPT
+        from moex.models.transformer import param_counts
+
+        cfg = self.cfg
+        if self.rank == 0:  # rank 0 tokenizes and fills the cache; the others then read it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.data = build_data(cfg.data, cfg.model.block_size, tokenizer_dir=self.run_dir / "tokenizer")
+        distributed.barrier()
+        if self.rank != 0:
+            self.data = build_data(cfg.data, cfg.model.block_size, tokenizer_dir=self.run_dir / "tokenizer")
+        if cfg.model.vocab_size <= 0:
+            cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(C.dump(cfg))
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)
+        self.counts = param_counts(model)
+        mark_expert_params(model, cfg.parallel.ep_size)
+        if cfg.parallel.ep_size > 1:
+            from moex.parallel.expert import setup_expert_parallel
+
+            setup_expert_parallel(model, cfg.parallel.ep_size)
+        model.to(self.device)
+        optimizer = build_optimizer(model, cfg.optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, cfg.optim, cfg.train.max_steps) / cfg.optim.lr
+        )
+        import deepspeed
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=sched, config=deepspeed_config(cfg, self.world)
+        )
+        self.model = self.engine.module
+
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            self.log(msg)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> int:
+        if self.cfg.train.resume != "auto":
+            return 0
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return 0
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        checkpoint.set_rng_state(client["rng"][self.rank] if self.rank < len(client["rng"]) else client["rng"][0])
+        self._say(f"resumed from {self.ckpt_dir / tag} (step {client['step']})")
+        return client["step"]
+
+    def save(self, step: int) -> Path:
+        rngs = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
+        else:
+            rngs = [checkpoint.rng_state()]
+        client = {"step": step, "rng": rngs, "config": C.to_dict(self.cfg), "world_size": self.world}
+        return checkpoint.save(
+            self.engine, self.ckpt_dir, step, client, rank=self.rank, barrier=distributed.barrier,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        start = self._resume()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.rank == 0:
+            _truncate_metrics(metrics_path, start)
+            self._say(
+                f"moex train: {self.run_dir}  params total {self.counts['total']:,} active {self.counts['active']:,}  "
+                f"world {self.world}  steps {start}->{tc.max_steps}"
+            )
+        writer = _tensorboard(self.run_dir) if self.rank == 0 else None
+        signals = _Signals()
+        acc = StatsAccumulator()
+        last = {}
+        bar = _progress(start, tc.max_steps, enabled=tc.progress and self.rank == 0)
+        t0, tokens = time.time(), 0
+        self.engine.train()
+        for step in range(start, tc.max_steps):
+            loss = self._step(step, acc)
+            tokens += tc.batch_size * tc.grad_accum * cfg.model.block_size * self.world
+            rec = {"step": step + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_steps:
+                rec["tokens_per_s"] = tokens / max(1e-9, time.time() - t0)
+                rec["layers"] = acc.summary()
+                acc = StatsAccumulator()
+            if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
+                rec["val"] = self._eval()
+                self._report(step + 1, rec, bar)
+            if self.rank == 0:
+                _append_jsonl(metrics_path, rec)
+                _log_tb(writer, rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            last = rec
+            done = step + 1 == tc.max_steps
+            if done or (step + 1) % tc.ckpt_interval == 0:
+                self.save(step + 1)
+            if not done and signals.agreed():
+                self.save(step + 1)
+                self._say(f"preempted: checkpoint at step {step + 1} written; exiting with {PREEMPTED_EXIT_CODE}")
+                raise Preempted()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        return last
+
+    def _step(self, step: int, acc: StatsAccumulator) -> float:
+        tc = self.cfg.train
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = self.data.train.get_batch(
+                step * tc.grad_accum + micro, tc.batch_size, rank=self.rank, world_size=self.world
+            )
+            out = self.engine(x.to(self.device), y.to(self.device))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            total += float(out.loss.detach())
+            acc.add(out.layer_stats)
+        loss = total / tc.grad_accum
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint in "
+                f"{self.ckpt_dir} is untouched (lower optim.lr or check the data)."
+            )
+        return loss
+
+    def _eval(self) -> dict:
+        tc = self.cfg.train
+        return evaluate(self.model, self.data.val, batch_size=tc.batch_size, max_batches=tc.eval_batches, device=self.device)
+
+    def _report(self, step: int, rec: dict, bar) -> None:
+        v = rec["val"]
+        msg = (
+            f"step {step:>6}  train {rec['loss']:.4f}  val {v['loss']:.4f}  ppl {v['ppl']:.3f}  "
+            f"lr {rec['lr']:.2e}  tok/s {rec.get('tokens_per_s', 0):,.0f}"
+        )
+        bal = format_balance(v["layers"])
+        text = msg + ("\n" + bal if bal else "")
+        if bar is not None:
+            bar.write(text)
+        else:
+            self._say(text)
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _tensorboard(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _log_tb(writer, rec: dict) -> None:
+    if writer is None:
+        return
+    step = rec["step"]
+    writer.add_scalar("train/loss", rec["loss"], step)
+    writer.add_scalar("train/lr", rec["lr"], step)
+    if "val" in rec:
+        writer.add_scalar("val/loss", rec["val"]["loss"], step)
+        writer.add_scalar("val/ppl", rec["val"]["ppl"], step)
+    for row in rec.get("layers", []):
+        for k in ("cv", "maxvio", "router_entropy", "active_frac"):
+            if k in row:
+                writer.add_scalar(f"layer{row['layer']}/{k}", row[k], step)
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def train(cfg: C.Config, *, log=print) -> dict:
+    """Train `cfg` to `train.max_steps` (resuming when a checkpoint exists); returns the last record."""
+    return Trainer(cfg, log=log).train()

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from moex import config as C
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+
+
+def test_defaults_build():
+    cfg = C.from_dict({})
+    assert cfg.model.moe.router == "moex" and cfg.train.max_steps > 0
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict({"model": {"moe": {"num_expert": 4}}})
+    msg = str(e.value)
+    assert "model.moe.num_expert" in msg and "num_experts" in msg and "top_k" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(C.ConfigError, match="valid keys of the recipe: model, data"):
+        C.from_dict({"modle": {}})
+
+
+def test_wrong_type_and_literal():
+    with pytest.raises(C.ConfigError, match=r"train.max_steps: expected int, got 'ten'"):
+        C.from_dict({"train": {"max_steps": "ten"}})
+    with pytest.raises(C.ConfigError, match=r"model.pos_emb: 'alibi' is not one of \['rope', 'learned'\]"):
+        C.from_dict({"model": {"pos_emb": "alibi"}})
+    with pytest.raises(C.ConfigError, match="expected int"):
+        C.from_dict({"train": {"batch_size": True}})
+
+
+def test_int_widens_to_float_and_optional():
+    cfg = C.from_dict({"optim": {"lr": 1}, "model": {"moe": {"capacity_factor": 2}}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.moe.capacity_factor == 2.0
+
+
+def test_dotted_overrides(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("model:\n  moe:\n    num_experts: 8\n")
+    cfg = C.load(r, ["model.moe.num_experts=16", "train.max_steps=200", "data.path=null", "optim.lr=3e-4"])
+    assert cfg.model.moe.num_experts == 16 and cfg.train.max_steps == 200 and cfg.optim.lr == 3e-4
+    assert cfg.train.run_name == "r"
+    with pytest.raises(C.ConfigError, match="model.moe.num_expertz"):
+        C.load(r, ["model.moe.num_expertz=3"])
+    with pytest.raises(C.ConfigError, match="must look like"):
+        C.load(r, ["train.max_steps"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(C.ConfigError, match="divisible by parallel.ep_size"):
+        C.load(None, ["model.moe.num_experts=6", "parallel.ep_size=4"])
+    with pytest.raises(C.ConfigError, match="top_k"):
+        C.load(None, ["model.moe.top_k=9"])
+
+
+def test_dump_roundtrip():
+    cfg = C.load(None, ["model.moe.top_k=1"])
+    import yaml
+
+    assert C.from_dict(yaml.safe_load(C.dump(cfg))) == cfg
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads(recipe):
+    C.load(recipe)
