@@ -1,0 +1,163 @@
+"""Triton grouped GEMM kernels for expert-sorted rows (MegaBlocks/ScatterMoE style).
+
+Shape key: A rows (sorted by expert), E experts, K in-features, N out-features,
+P row tiles (one program row per BLOCK_M rows of one expert).
+
+- ``gmm_rows(x_AK, b_EKN, counts_E)``: ``y[a] = x[a] @ b[e(a)]``. ``b`` is read through
+  its strides, so ``gmm_rows(dy_AN, w_EKN.transpose(1, 2), counts_E)`` is the dx GEMM.
+- ``gmm_wgrad(x_AK, dy_AN, counts_E)``: ``dw[e] = x[rows of e]^T @ dy[rows of e]``; empty
+  experts get zeros.
+
+Both accumulate in fp32. The tile schedule is built with tensor ops on the device
+(no host sync): P is bounded by cdiv(A, BLOCK_M) + E and surplus tiles are fully masked.
+Under ``TRITON_INTERPRET=1`` (CPU tensors) operands are upcast to fp32 before ``tl.dot``
+because the interpreter's bf16 dot is wrong. The plain references are
+``moex.ops.grouped_gemm.grouped_mm_reference`` and the per-expert products in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+
+@triton.jit
+def _gmm_rows_kernel(x_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
+                     stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_p)
+    row0 = tl.load(tile_row_ptr + pid_p)
+    end = tl.load(tile_end_ptr + pid_p)
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < end
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + e * stride_be + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if ALLOW_TF32:
+            acc += tl.dot(a, b, input_precision="tf32")
+        else:
+            acc += tl.dot(a, b, input_precision="ieee")
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, starts_ptr, ends_ptr, N, K,
+                      stride_xm, stride_xk, stride_dm, stride_dn, stride_we, stride_wk, stride_wn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    e = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    start = tl.load(starts_ptr + e)
+    end = tl.load(ends_ptr + e)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = rk < K
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < end
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            dy = dy.to(tl.float32)
+        if ALLOW_TF32:
+            acc += tl.dot(xt, dy, input_precision="tf32")
+        else:
+            acc += tl.dot(xt, dy, input_precision="ieee")
+    tl.store(dw_ptr + e * stride_we + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+             acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+
+
+def interpreted() -> bool:
+    """True when these kernels run in triton's interpreter (CPU tensors): they were decorated
+    with TRITON_INTERPRET=1 set before triton's first import, and it is still set."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # triton's own jit'd helpers are decorated when triton is imported: they must be interpreted too
+    return (isinstance(_gmm_rows_kernel, InterpretedFunction) and isinstance(standard.sum, InterpretedFunction)
+            and bool(triton.knobs.runtime.interpret))
+
+
+def tile_schedule(counts_E: Tensor, num_rows: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row tiles of BLOCK_M rows that never straddle two experts, built without a host sync.
+
+    Returns (tile_expert_P, tile_row_P, tile_end_P) as int32, P = cdiv(A, block_m) + E;
+    tiles past the real ones get row = end = 0 (fully masked).
+    """
+    counts = counts_E.to(torch.int64)
+    E = counts.numel()
+    ends_E = torch.cumsum(counts, 0)
+    starts_E = ends_E - counts
+    tiles_E = (counts + block_m - 1) // block_m
+    tile_ends_E = torch.cumsum(tiles_E, 0)
+    P = triton.cdiv(num_rows, block_m) + E
+    t_P = torch.arange(P, device=counts.device)
+    e_P = torch.searchsorted(tile_ends_E, t_P, right=True)
+    valid_P = e_P < E
+    e_P = e_P.clamp_max(max(E - 1, 0))
+    first_tile_P = tile_ends_E[e_P] - tiles_E[e_P]
+    row_P = torch.where(valid_P, starts_E[e_P] + (t_P - first_tile_P) * block_m, 0)
+    end_P = torch.where(valid_P, ends_E[e_P], 0)
+    return e_P.to(torch.int32), row_P.to(torch.int32), end_P.to(torch.int32)
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    interp = interpreted()
+    return dict(UPCAST=interp, ALLOW_TF32=dtype == torch.float32 and not interp
+                and torch.backends.cuda.matmul.allow_tf32)
+
+
+def gmm_rows(x_AK: Tensor, b_EKN: Tensor, counts_E: Tensor, *, block_m: int = 64, block_n: int = 64,
+             block_k: int = 32) -> Tensor:
+    """y_AN[a] = x_AK[a] @ b_EKN[e(a)] for expert-sorted rows (b may be any strided view)."""
+    A, K = x_AK.shape
+    E, _, N = b_EKN.shape
+    y_AN = torch.empty(A, N, device=x_AK.device, dtype=x_AK.dtype)
+    if A == 0 or N == 0 or E == 0:
+        return y_AN
+    tile_e, tile_row, tile_end = tile_schedule(counts_E.to(x_AK.device), A, block_m)
+    grid = (tile_e.numel(), triton.cdiv(N, block_n))
+    _gmm_rows_kernel[grid](x_AK, b_EKN, y_AN, tile_e, tile_row, tile_end, N, K,
+                           x_AK.stride(0), x_AK.stride(1), *b_EKN.stride(), *y_AN.stride(),
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_flags(x_AK.dtype))
+    return y_AN
+
+
+def gmm_wgrad(x_AK: Tensor, dy_AN: Tensor, counts_E: Tensor, *, block_m: int = 64, block_n: int = 64,
+              block_k: int = 32) -> Tensor:
+    """dw_EKN[e] = x_AK[rows of e]^T @ dy_AN[rows of e]; zeros for empty experts."""
+    K, N, E = x_AK.shape[1], dy_AN.shape[1], counts_E.numel()
+    dw_EKN = torch.empty(E, K, N, device=x_AK.device, dtype=x_AK.dtype)
+    if E == 0 or K == 0 or N == 0:
+        return dw_EKN
+    counts = counts_E.to(device=x_AK.device, dtype=torch.int64)
+    ends_E = torch.cumsum(counts, 0)
+    starts_E = (ends_E - counts).to(torch.int32)
+    grid = (E, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    _gmm_wgrad_kernel[grid](x_AK, dy_AN, dw_EKN, starts_E, ends_E.to(torch.int32), N, K,
+                            x_AK.stride(0), x_AK.stride(1), dy_AN.stride(0), dy_AN.stride(1), *dw_EKN.stride(),
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_flags(x_AK.dtype))
+    return dw_EKN

@@ -1,0 +1,24 @@
+"""Autograd-level MoE ops: token permutation and grouped GEMM with selectable backends."""
+
+from moex.ops.grouped_gemm import (
+    BACKENDS,
+    BackendUnavailable,
+    available_backends,
+    grouped_mm,
+    grouped_mm_reference,
+    resolve_backend,
+)
+from moex.ops.permute import permute, permute_reference, unpermute, unpermute_reference
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "available_backends",
+    "grouped_mm",
+    "grouped_mm_reference",
+    "resolve_backend",
+    "permute",
+    "permute_reference",
+    "unpermute",
+    "unpermute_reference",
+]

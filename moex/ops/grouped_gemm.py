@@ -1,0 +1,249 @@
+"""Grouped GEMM over expert-sorted rows, with selectable backends.
+
+Shape key: A assignment rows (sorted by expert), E experts, K in-features,
+N out-features.
+
+``grouped_mm(x_AK, w_EKN, counts_E)`` computes ``y[a] = x[a] @ w[expert(a)]`` where
+the first ``counts_E[0]`` rows belong to expert 0, the next ``counts_E[1]`` to
+expert 1, and so on. Every backend is differentiable in ``x`` and ``w``.
+
+Backends (see :func:`available_backends`):
+
+- ``loop``: a per-expert slice and ``@`` in plain PyTorch; the reference.
+- ``torch``: ``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm`` (CPU and
+  CUDA). K and N are zero-padded to its 16-byte stride rule; the upstream gradient
+  is made contiguous before its backward (it rejects zero-stride grads).
+- ``triton``: the Triton kernels in ``moex.kernels.grouped_gemm`` (CUDA, or CPU
+  tensors under ``TRITON_INTERPRET=1``).
+- ``grouped_gemm``: ``grouped_gemm.ops.gmm`` (CUDA only; ``pip install 'moex-lm[gpu]'``).
+- ``megablocks``: megablocks' grouped GEMM (CUDA only; ``pip install 'moex-lm[megablocks]'``,
+  which pins torch 2.7.0).
+- ``auto``: CPU -> ``torch`` when it runs for this dtype, else ``loop``; CUDA ->
+  ``grouped_gemm`` > ``torch`` > ``triton`` > ``loop`` by availability. The choice and
+  the reason are logged once.
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailable`
+with the reason; only ``auto`` ever falls back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["grouped_mm", "grouped_mm_reference", "resolve_backend", "available_backends", "BackendUnavailable", "BACKENDS"]
+
+log = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """A grouped-GEMM backend was requested that cannot run here (the message says why)."""
+
+
+# ----------------------------------------------------------------------------- loop
+def grouped_mm_reference(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    """Plain PyTorch reference: slice the rows of each expert and multiply by its weight."""
+    sizes = [int(c) for c in counts_E.tolist()]
+    if sum(sizes) != x_AK.shape[0]:
+        raise ValueError(f"counts_E sums to {sum(sizes)} but x has {x_AK.shape[0]} rows")
+    parts = [x_e @ w_EKN[e] for e, x_e in enumerate(torch.split(x_AK, sizes)) if sizes[e] > 0]
+    if not parts:  # no rows: a (0, K) @ (K, N) product keeps x and w in the graph (zero grads)
+        return x_AK @ w_EKN[0]
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- torch
+_TORCH_GMM: Callable | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_torch_probe: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward materialises the upstream gradient (grouped_mm rejects zero strides)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _torch_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when torch's grouped_mm runs forward+backward for (device, dtype), else the reason (cached)."""
+    if _TORCH_GMM is None:
+        return f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
+    key = (str(device), dtype)
+    if key not in _torch_probe:
+        try:
+            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+            y = _TORCH_GMM(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
+            ok = bool(torch.all(y == 16)) and bool(torch.all(w.grad == 8))
+            _torch_probe[key] = None if ok else "torch grouped_mm probe returned wrong values"
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+            _torch_probe[key] = f"torch grouped_mm fails for {dtype} on {device}: {str(e).splitlines()[0]}"
+    return _torch_probe[key]
+
+
+def _pad_to(n: int, mult: int) -> int:
+    return (n + mult - 1) // mult * mult
+
+
+def _grouped_mm_torch(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    K, N = w_EKN.shape[1], w_EKN.shape[2]
+    mult = max(1, 16 // x_AK.element_size())  # 16-byte leading strides
+    Kp, Np = _pad_to(K, mult), _pad_to(N, mult)
+    x = F.pad(x_AK, (0, Kp - K)) if Kp != K else x_AK.contiguous()
+    w = F.pad(w_EKN, (0, Np - N, 0, Kp - K)) if (Kp, Np) != (K, N) else w_EKN.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    if w.data_ptr() % 16:
+        w = w.clone()
+    offs_E = torch.cumsum(counts_E.to(device=x.device), 0, dtype=torch.int32)
+    y_AN = _ContiguousGrad.apply(_TORCH_GMM(x, w, offs=offs_E))
+    return y_AN[:, :N] if Np != N else y_AN
+
+
+# ----------------------------------------------------------------------------- triton
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        from moex.ops.triton_gmm import kernel_module
+
+        km = kernel_module()  # imports triton (which fixes interpreter mode from TRITON_INTERPRET)
+    except ImportError as e:
+        return f"triton is not importable ({e}); pip install 'moex-lm[gpu]'"
+    if device.type != "cuda" and not km.interpreted():
+        return (f"triton needs CUDA tensors (got {device.type}); for CPU tensors set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"triton grouped GEMM supports fp32/fp16/bf16, not {dtype}"
+    return None
+
+
+def _grouped_mm_triton(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    from moex.ops.triton_gmm import triton_grouped_mm
+
+    return triton_grouped_mm(x_AK, w_EKN, counts_E)
+
+
+# ----------------------------------------------------------------------------- GPU extras
+def _grouped_gemm_pkg_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        import grouped_gemm.ops  # noqa: F401
+    except ImportError as e:
+        return f"package 'grouped_gemm' is not installed ({e}); pip install 'moex-lm[gpu]' on a CUDA machine"
+    if device.type != "cuda":
+        return f"grouped_gemm needs CUDA tensors (got {device.type})"
+    return None
+
+
+def _grouped_mm_grouped_gemm(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    import grouped_gemm.ops as gg
+
+    # batch_sizes must be a CPU int64 tensor; its GroupedGemm Function is differentiable.
+    return gg.gmm(x_AK.contiguous(), w_EKN.contiguous(), counts_E.to("cpu", torch.int64), trans_b=False)
+
+
+def _megablocks_gmm() -> Callable:
+    from megablocks import grouped_gemm_util as gu
+
+    if getattr(gu, "grouped_gemm_is_available", lambda: False)():
+        return gu.ops.gmm
+    from megablocks.backend import kernels  # newer megablocks ship their own gmm
+
+    return kernels.gmm
+
+
+def _megablocks_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        _megablocks_gmm()
+    except (ImportError, AttributeError) as e:
+        return (f"megablocks grouped GEMM is not available ({e}); pip install 'moex-lm[megablocks]' "
+                "(megablocks 0.10 pins torch 2.7.0 and needs CUDA)")
+    if device.type != "cuda":
+        return f"megablocks needs CUDA tensors (got {device.type})"
+    return None
+
+
+def _grouped_mm_megablocks(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    gmm = _megablocks_gmm()
+    return gmm(x_AK.contiguous(), w_EKN.contiguous(), counts_E.to("cpu", torch.int64), False)
+
+
+# ----------------------------------------------------------------------------- registry
+# name -> (fn, why_unavailable(device, dtype) -> reason or None)
+BACKENDS: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], Callable[[torch.device, torch.dtype], str | None]]] = {
+    "loop": (grouped_mm_reference, lambda device, dtype: None),
+    "torch": (_grouped_mm_torch, _torch_unavailable),
+    "triton": (_grouped_mm_triton, _triton_unavailable),
+    "grouped_gemm": (_grouped_mm_grouped_gemm, _grouped_gemm_pkg_unavailable),
+    "megablocks": (_grouped_mm_megablocks, _megablocks_unavailable),
+}
+_CUDA_PREFERENCE = ("grouped_gemm", "torch", "triton", "loop")
+_logged: set[tuple] = set()
+
+
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+    """Every backend name mapped to None (usable for this device/dtype) or the reason it is not."""
+    device = torch.device(device)
+    return {name: why(device, dtype) for name, (_, why) in BACKENDS.items()}
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> tuple[str, str]:
+    """Map a requested backend (or ``auto``) to a concrete one. Returns (name, reason).
+
+    Raises ValueError for an unknown name and BackendUnavailable when an explicitly
+    named backend cannot run for this device/dtype.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in _CUDA_PREFERENCE:
+                if BACKENDS[name][1](device, dtype) is None:
+                    skipped = {n: BACKENDS[n][1](device, dtype) for n in _CUDA_PREFERENCE[: _CUDA_PREFERENCE.index(name)]}
+                    return name, f"auto on cuda: first available of {_CUDA_PREFERENCE}; skipped {skipped}"
+        why = _torch_unavailable(device, dtype)
+        if why is None:
+            return "torch", f"auto on {device.type}: torch grouped_mm works for {dtype}"
+        return "loop", f"auto on {device.type}: {why}"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown grouped_mm backend {backend!r}; valid: {['auto', *BACKENDS]}")
+    why = BACKENDS[backend][1](device, dtype)
+    if why is not None:
+        raise BackendUnavailable(f"grouped_mm backend {backend!r} unavailable: {why}")
+    return backend, "requested explicitly"
+
+
+def grouped_mm(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor, *, backend: str = "auto") -> Tensor:
+    """Grouped matmul: ``y_AN[a] = x_AK[a] @ w_EKN[e(a)]`` for rows grouped by expert.
+
+    Args:
+        x_AK: rows sorted by expert (e.g. from :func:`moex.ops.permute`).
+        w_EKN: one (K, N) weight per expert; same dtype as ``x_AK``.
+        counts_E: integer rows per expert; must sum to A. Any device.
+        backend: ``auto`` | ``loop`` | ``torch`` | ``triton`` | ``grouped_gemm`` | ``megablocks``.
+
+    Returns:
+        y_AN, differentiable in ``x_AK`` and ``w_EKN``.
+    """
+    if x_AK.dim() != 2 or w_EKN.dim() != 3 or x_AK.shape[1] != w_EKN.shape[1]:
+        raise ValueError(f"expected x (A, K) and w (E, K, N), got {tuple(x_AK.shape)} and {tuple(w_EKN.shape)}")
+    if counts_E.shape != (w_EKN.shape[0],):
+        raise ValueError(f"counts_E must have shape ({w_EKN.shape[0]},), got {tuple(counts_E.shape)}")
+    if x_AK.dtype != w_EKN.dtype:
+        raise ValueError(f"x and w dtypes differ: {x_AK.dtype} vs {w_EKN.dtype}")
+    if counts_E.device.type == "cpu" and int(counts_E.sum()) != x_AK.shape[0]:  # free check; no device sync
+        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_AK.shape[0]} rows")
+    name, reason = resolve_backend(backend, x_AK.device, x_AK.dtype)
+    key = (backend, name, x_AK.device.type, x_AK.dtype)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("grouped_mm backend=%s -> %s for %s %s (%s)", backend, name, x_AK.device.type, x_AK.dtype, reason)
+    return BACKENDS[name][0](x_AK, w_EKN, counts_E)

@@ -1,0 +1,139 @@
+"""Triton grouped GEMM kernels under the interpreter (CPU tensors), vs the loop reference.
+
+TRITON_INTERPRET=1 must be set before triton is first imported (its own jit'd helpers
+are decorated then) and stay set while kernels run, so it is set here for the process.
+If something imported triton earlier in this pytest process, the tests here are
+skipped in favour of one test that reruns this file in a fresh interpreter. Shapes and blocks are tiny: the interpreter runs every program in numpy.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+import torch  # noqa: E402
+
+from moex.ops import BackendUnavailable, grouped_mm, grouped_mm_reference  # noqa: E402
+from moex.ops.triton_gmm import block_sizes, configure, kernel_module, triton_grouped_mm  # noqa: E402
+
+km = kernel_module()
+in_process = pytest.mark.skipif(_TRITON_PREIMPORTED, reason="triton imported before TRITON_INTERPRET=1; "
+                                "covered by test_rerun_in_fresh_process")
+
+TINY = dict(block_m=16, block_n=16, block_k=16)
+CASES = [  # (counts, K, N)
+    ([3, 0, 7], 8, 12),      # empty expert, uneven groups
+    ([1], 4, 4),             # single token
+    ([0, 0], 4, 4),          # no rows
+    ([17, 0, 5], 20, 18),    # groups and dims straddling block edges
+]
+
+
+@in_process
+def test_kernels_are_interpreted():
+    assert km.interpreted(), "kernel module was imported before TRITON_INTERPRET=1 was set"
+
+
+@in_process
+def test_tile_schedule_covers_rows_once():
+    counts = torch.tensor([5, 0, 16, 1])
+    e_P, row_P, end_P = km.tile_schedule(counts, int(counts.sum()), 4)
+    covered = []
+    for e, r, end in zip(e_P.tolist(), row_P.tolist(), end_P.tolist()):
+        rows = [i for i in range(r, r + 4) if i < end]
+        starts = [0, 5, 5, 21]
+        assert all(starts[e] <= i < starts[e] + counts[e] for i in rows)
+        covered += rows
+    assert sorted(covered) == list(range(22))
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_backend_matches_loop(case, dtype):
+    counts, K, N = case
+    g = torch.Generator().manual_seed(len(counts) + K)
+    x = torch.randn(sum(counts), K, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(len(counts), K, N, generator=g).to(dtype).requires_grad_()
+    c = torch.tensor(counts)
+    old = configure(**TINY)
+    try:
+        y = grouped_mm(x, w, c, backend="triton")
+    finally:
+        configure(**old)
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    yr = grouped_mm_reference(xr, wr, c)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-1)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), yr, **tol)
+    gy = torch.randn(y.shape, generator=g)
+    dx, dw = torch.autograd.grad(y, (x, w), gy.to(dtype))
+    dxr, dwr = torch.autograd.grad(yr, (xr, wr), gy)
+    torch.testing.assert_close(dx.float(), dxr, **tol)
+    torch.testing.assert_close(dw.float(), dwr, **tol)
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.all(dw[e] == 0)
+
+
+@in_process
+def test_strided_inputs_and_expanded_grad():
+    x = torch.randn(9, 12)[:, ::2].requires_grad_()            # (9, 6) non-contiguous
+    w = torch.randn(2, 5, 6).transpose(1, 2).requires_grad_()  # (2, 6, 5) transposed view
+    c = torch.tensor([4, 5])
+    y = triton_grouped_mm(x, w, c, block_m=8, block_n=8, block_k=8)
+    torch.testing.assert_close(y, grouped_mm_reference(x, w, c))
+    y.sum().backward()  # zero-stride upstream grad
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    grouped_mm_reference(xr, wr, c).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+
+
+@in_process
+def test_configure_validates_and_restores():
+    before = block_sizes()
+    with pytest.raises(ValueError, match="power of two"):
+        configure(block_m=12)
+    old = configure(block_k=8)
+    assert block_sizes()["block_k"] == 8
+    configure(**old)
+    assert block_sizes() == before
+
+
+def _env_without_interpret():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.skipif(not _TRITON_PREIMPORTED, reason="triton was not pre-imported: the tests ran in this process")
+def test_rerun_in_fresh_process():
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         capture_output=True, text=True, env=_env_without_interpret(), timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_triton_on_cpu_without_interpreter_raises():
+    code = (
+        "import os, torch; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from moex.ops import grouped_mm, BackendUnavailable\n"
+        "try:\n"
+        "    grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4), torch.tensor([2]), backend='triton')\n"
+        "except BackendUnavailable as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env_without_interpret(),
+                         timeout=120)
+    assert "RAISED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+@in_process
+def test_triton_rejects_float64():
+    with pytest.raises(BackendUnavailable, match="fp32/fp16/bf16"):
+        grouped_mm(torch.randn(2, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64),
+                   torch.tensor([2]), backend="triton")
