@@ -25,7 +25,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: in
     res = evaluate(loaded.model, blocks, batch_size=batch_size or cfg.train.batch_size, max_batches=max_batches,
                    progress=progress)
     res.update({"checkpoint": str(loaded.ckpt_dir), "step": loaded.step, "split": split})
-    words = data.info.get(f"{split}_words") if max_batches == 0 else None
+    words = data.info.get(split, {}).get("words") if max_batches == 0 else None
     if words:  # word-level perplexity: same total NLL spread over the split's words
         res["word_ppl"] = math.exp(min(res["total_nll"] / words, 50.0))
         res["words"] = words
