@@ -25,10 +25,13 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: in
     res = evaluate(loaded.model, blocks, batch_size=batch_size or cfg.train.batch_size, max_batches=max_batches,
                    progress=progress)
     res.update({"checkpoint": str(loaded.ckpt_dir), "step": loaded.step, "split": split})
-    words = data.info.get(split, {}).get("words") if max_batches == 0 else None
-    if words:  # word-level perplexity: same total NLL spread over the split's words
+    split_info = data.info.get(split, {})
+    if cfg.data.source == "text" and split_info.get("words") and split_info.get("tokens"):
+        # Word-level perplexity: the same total NLL spread over the words those tokens
+        # spell (the split's word count scaled by the fraction of its tokens evaluated).
+        words = split_info["words"] * res["tokens"] / split_info["tokens"]
         res["word_ppl"] = math.exp(min(res["total_nll"] / words, 50.0))
-        res["words"] = words
+        res["words"] = int(words)
     return res
 
 

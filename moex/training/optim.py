@@ -13,6 +13,14 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"  # DeepSpeed's own naming for expert-data-parallel groups
 
 
+def create_expert_groups(ep_size: int) -> None:
+    """DeepSpeed's expert-parallel and expert-data-parallel process groups for `ep_size`."""
+    from deepspeed.utils import groups
+
+    if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+
+
 def mark_expert_params(model: torch.nn.Module, ep_size: int) -> int:
     """Mark stacked expert weights the way DeepSpeed's MoE layer does, so the engine
     reduces their gradients over the expert-data-parallel group only. Returns the count."""

@@ -19,7 +19,7 @@ from moex import config as C
 from moex.eval.balance import StatsAccumulator, format_balance
 from moex.eval.perplexity import evaluate
 from moex.training import checkpoint, distributed
-from moex.training.optim import build_optimizer, deepspeed_config, mark_expert_params
+from moex.training.optim import build_optimizer, create_expert_groups, deepspeed_config, mark_expert_params
 from moex.training.schedule import lr_at
 
 PREEMPTED_EXIT_CODE = 124
@@ -88,10 +88,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model)
         self.counts = param_counts(model)
-        mark_expert_params(model, cfg.parallel.ep_size)
         if cfg.parallel.ep_size > 1:
+            # Expert weights are sharded: DeepSpeed must reduce them over the
+            # expert-data-parallel group only. With ep_size 1 they are ordinary
+            # data-parallel parameters and DeepSpeed's dense path is exact.
             from moex.parallel.expert import setup_expert_parallel
 
+            create_expert_groups(cfg.parallel.ep_size)
+            mark_expert_params(model, cfg.parallel.ep_size)
             setup_expert_parallel(model, cfg.parallel.ep_size)
         model.to(self.device)
         optimizer = build_optimizer(model, cfg.optim)
@@ -194,6 +198,9 @@ class Trainer:
             self.engine.step()
             total += float(out.loss.detach())
             acc.add(out.layer_stats)
+        for m in self.model.modules():  # per-step state updates, e.g. aux-loss-free router biases
+            if hasattr(m, "post_step"):
+                m.post_step()
         loss = total / tc.grad_accum
         if not math.isfinite(loss):
             raise TrainingError(
