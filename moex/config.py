@@ -123,6 +123,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: Optional[str] = None  # default: recipe stem
     resume: Literal["never", "auto"] = "auto"
+    # Initial weights for a fresh run: a state-dict .pt file (e.g. written by
+    # `moex upcycle`) or a run/checkpoint directory. Ignored when resuming.
+    init_from: Optional[str] = None
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     progress: bool = True
 

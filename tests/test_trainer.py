@@ -100,3 +100,13 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 1"):
         t.train()
     assert checkpoint.latest_tag(tmp_path / "runs" / "t" / "checkpoints") == "step-0000002"
+
+
+def test_init_from_loads_weights_for_a_fresh_run(tmp_path):
+    a = Trainer(cfg_for(tmp_path / "a", "train.max_steps=2", "train.ckpt_interval=2"), log=lambda s: None)
+    a.train()
+    b = Trainer(cfg_for(tmp_path / "b", "train.max_steps=2", f"train.init_from={tmp_path}/a/runs/t"), log=lambda s: None)
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, msg=n)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        Trainer(cfg_for(tmp_path / "c", f"train.init_from={tmp_path}/nope.pt"), log=lambda s: None)

@@ -87,6 +87,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(C.dump(cfg))
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model)
+        if cfg.train.init_from and checkpoint.latest_tag(self.ckpt_dir) is None:
+            _load_initial_weights(model, cfg.train.init_from)
+            self._say(f"initialised weights from {cfg.train.init_from}")
         self.counts = param_counts(model)
         if cfg.parallel.ep_size > 1:
             # Expert weights are sharded: DeepSpeed must reduce them over the
@@ -225,6 +228,21 @@ class Trainer:
             bar.write(text)
         else:
             self._say(text)
+
+
+def _load_initial_weights(model, path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        _, ckpt = checkpoint.resolve(p)
+        state = checkpoint.load_model_state(ckpt)
+    elif p.exists():
+        state = torch.load(p, map_location="cpu")
+    else:
+        raise FileNotFoundError(f"train.init_from: {p} does not exist")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to wte
+    if missing or unexpected:
+        raise ValueError(f"train.init_from={path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
 
 
 def _progress(start: int, total: int, enabled: bool):
