@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -27,7 +28,9 @@ def init(skip_shm_comm: bool = True):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        # A finite timeout: if one rank dies, the others fail instead of hanging forever.
+        timeout = timedelta(minutes=int(os.environ.get("MOEX_DIST_TIMEOUT_MIN", "10")))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return info
 
 
