@@ -110,3 +110,12 @@ def test_init_from_loads_weights_for_a_fresh_run(tmp_path):
         torch.testing.assert_close(pa, pb, msg=n)
     with pytest.raises(FileNotFoundError, match="init_from"):
         Trainer(cfg_for(tmp_path / "c", f"train.init_from={tmp_path}/nope.pt"), log=lambda s: None)
+
+
+def test_bf16_run_tracks_fp32(tmp_path):
+    runs = {}
+    for prec in ("fp32", "bf16"):
+        Trainer(cfg_for(tmp_path / prec, "train.max_steps=3", f"train.precision={prec}"), log=lambda s: None).train()
+        runs[prec] = losses(tmp_path / prec / "runs" / "t")
+    for s in range(1, 4):
+        assert abs(runs["bf16"][s] - runs["fp32"][s]) < 0.05 * runs["fp32"][s]
