@@ -1,5 +1,5 @@
-"""The local Slurm cluster itself, and the sbatch scripts' requeue path.
-Training through Slurm is tested elsewhere, once the trainer exists."""
+"""The local Slurm cluster itself, and the sbatch scripts' requeue path with a
+stand-in program. Training through Slurm: test_slurm_train.py."""
 import textwrap
 import time
 

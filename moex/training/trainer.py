@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -39,11 +40,17 @@ class _Signals:
 
     def __init__(self):
         self.requested = False
+        self.previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. under a test runner thread)
                 pass
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -59,11 +66,16 @@ class _Signals:
 class Trainer:
     def __init__(self, cfg: C.Config, *, log=print):
         self.cfg, self.log = cfg, log
+        self.signals = _Signals()  # before the slow start-up, so an early SIGUSR1 is not fatal
         self.info = distributed.init(cfg.deepspeed.skip_shm_comm)
         self.rank, self.world = self.info.rank, self.info.world_size
         self.device = distributed.device_for(self.info)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        elif self.world > 1 and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+            # N ranks x all-cores OpenMP threads oversubscribe a CPU node badly (~100x slower).
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", self.world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._build()
@@ -142,6 +154,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
+        if not self.signals.previous:  # a second train() on the same trainer
+            self.signals = _Signals()
+        try:
+            return self._train()
+        finally:
+            self.signals.restore()
+
+    def _train(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
         start = self._resume()
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -152,7 +172,7 @@ class Trainer:
                 f"world {self.world}  steps {start}->{tc.max_steps}"
             )
         writer = _tensorboard(self.run_dir) if self.rank == 0 else None
-        signals = _Signals()
+        signals = self.signals
         acc = StatsAccumulator()
         last = {}
         bar = _progress(start, tc.max_steps, enabled=tc.progress and self.rank == 0)
@@ -205,6 +225,12 @@ class Trainer:
             if hasattr(m, "post_step"):
                 m.post_step()
         loss = total / tc.grad_accum
+        if self.world > 1:
+            # Log the global batch's loss (so N ranks x B log what 1 rank x N*B does),
+            # and let every rank see the same value for the check below.
+            t = torch.tensor([loss], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / self.world
         if not math.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss ({loss}) at step {step + 1}; stopping. The last good checkpoint in "

@@ -13,7 +13,8 @@
 #   task. The trainer saves a checkpoint at the next step boundary, waits for all
 #   ranks, and exits 124. On 124 this script runs `scontrol requeue`; the job
 #   keeps its id, so the requeued run finds train.run_name=<stem>-<jobid> and
-#   resumes (train.resume=auto).
+#   resumes (train.resume=auto). Exit 124 after a SIGTERM (scancel, scheduler
+#   preemption) is not requeued.
 # Environment knobs: MOEX_RUN_NAME (default: recipe stem), MOEX_CMD (default
 # "python -m moex.cli"), MOEX_SRUN_ARGS (extra srun flags), MASTER_ADDR/PORT.
 set -uo pipefail
@@ -38,13 +39,15 @@ echo "[moex] job ${SLURM_JOB_ID} restart=${SLURM_RESTART_COUNT:-0} nodes=${SLURM
      "tasks=${SLURM_NTASKS} master=${MASTER_ADDR}:${MASTER_PORT} run=${RUN_NAME} $(date -Is)"
 
 srun_pid=""
+got_term=0
 on_usr1() {
   echo "[moex] SIGUSR1 (time limit near): asking every rank to checkpoint and exit"
   [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
 }
 # SIGTERM (scancel, time limit, preemption) reaches every task from Slurm itself;
-# only note it so the shell survives long enough to report srun's status.
-on_term() { echo "[moex] SIGTERM: Slurm is ending the job"; }
+# note it, so the shell survives to report srun's status and does not requeue a
+# job that Slurm is ending (the trainer checkpoints and exits 124 on SIGTERM too).
+on_term() { got_term=1; echo "[moex] SIGTERM: Slurm is ending the job"; }
 trap on_usr1 USR1
 trap on_term TERM
 
@@ -62,6 +65,13 @@ while :; do
   kill -0 "$srun_pid" 2>/dev/null || break
 done
 
+if [[ $rc -eq 124 && $got_term -eq 1 ]]; then
+  # scancel, or preemption by the scheduler (which requeues by itself under
+  # PreemptMode=REQUEUE): requeueing here would undo a user's scancel.
+  echo "[moex] trainer checkpointed after SIGTERM (exit 124): not requeueing;" \
+       "resubmit with train.run_name=${RUN_NAME} to resume"
+  exit 124
+fi
 if [[ $rc -eq 124 ]]; then
   echo "[moex] trainer checkpointed and stopped (exit 124): requeueing job ${SLURM_JOB_ID}"
   scontrol requeue "$SLURM_JOB_ID" || { echo "[moex] requeue failed" >&2; exit 124; }
