@@ -1,4 +1,4 @@
-"""`moex train|eval|info …` — the command line.
+"""`moex train|eval|info|compare|upcycle …` — the command line.
 
     moex train recipes/chess-tiny.yaml model.moe.num_experts=16 train.max_steps=200
     moex eval runs/chess-tiny
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -34,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="build a recipe's model on the meta device and print parameter counts")
     i.add_argument("recipe")
     i.add_argument("overrides", nargs="*")
+
+    for name, (module, help_text) in PLUGINS.items():
+        mod = importlib.import_module(module)
+        sp = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(plugin=mod)
     return p
 
 
@@ -77,6 +85,11 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
+# Commands that live next to their feature: each module has add_arguments(parser) and run(args).
+PLUGINS = {
+    "compare": ("moex.compare.command", "train router/expert variants side by side and tabulate them"),
+    "upcycle": ("moex.models.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        if args.cmd in COMMANDS:
+            return COMMANDS[args.cmd](args)
+        return args.plugin.run(args)
     except C.ConfigError as e:
         print(f"moex: config error: {e}", file=sys.stderr)
         return 2
