@@ -89,6 +89,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
 PLUGINS = {
     "compare": ("moex.compare.command", "train router/expert variants side by side and tabulate them"),
     "upcycle": ("moex.models.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
+    "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
 }
 
 

@@ -1,0 +1,71 @@
+"""Markdown tables and PNG plots of an interpretability report (`moex interpret`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def chess_rows(res: dict) -> list[dict]:
+    """One row per feature source: headline coverage and reconstruction."""
+    rows = []
+    for name, r in res["sources"].items():
+        cov, rec = r["coverage"], r["reconstruction"]
+        rows.append({
+            "source": name, "features": r["features"],
+            "alive": cov.get("alive"), "coverage": cov.get("score"), "coverage_t": cov.get("threshold"),
+            "reconstruction": rec.get("score"), "reconstruction_t": rec.get("threshold"),
+            "labelled": rec.get("labelled_features"),
+        })
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# moex interpret — {res['suite']} suite", "",
+             f"checkpoint `{res['checkpoint']}` (step {res['step']})", ""]
+    if res["suite"] == "chess":
+        lines += [f"{res['games']} games from {res['games_from']}: {res['label_games']} for labelling, "
+                  f"{res['heldout_games']} held out; {res['positions']} probed positions.", "",
+                  "Coverage and reconstruction over the 768 'masked blank and initial state' board "
+                  "properties (Karvonen et al.; see docs/interpretability.md).", "",
+                  "| source | features | alive | coverage | t | reconstruction | t | labelled features |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in chess_rows(res):
+            lines.append(f"| {r['source']} | {r['features']} | {r['alive']} | {_f(r['coverage'])} | "
+                         f"{_f(r['coverage_t'], 1)} | {_f(r['reconstruction'])} | {_f(r['reconstruction_t'], 1)} | "
+                         f"{r['labelled']} |")
+        best = max(chess_rows(res), key=lambda r: r["coverage"] or 0)
+        lines += ["", f"Best source by coverage: **{best['source']}** "
+                      f"(coverage {_f(best['coverage'])}, reconstruction {_f(best['reconstruction'])})."]
+    else:
+        lines += res.get("markdown", [])
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if res["suite"] == "chess":
+        rows = chess_rows(res)
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["coverage"] or 0 for r in rows], width=0.4, label="coverage")
+        ax.bar([x + 0.2 for x in xs], [r["reconstruction"] or 0 for r in rows], width=0.4, label="reconstruction")
+        ax.set_xticks(list(xs), [r["source"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("score")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(out) / "chess_scores.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    for name, fn in res.get("plot_fns", {}).items():
+        written.append(fn(Path(out)))
+    return written
