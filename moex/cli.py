@@ -90,6 +90,7 @@ PLUGINS = {
     "compare": ("moex.compare.command", "train router/expert variants side by side and tabulate them"),
     "upcycle": ("moex.models.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
+    "train-sae": ("moex.interp.sae_command", "train a sparse autoencoder on a dense model's MLP activations"),
 }
 
 

@@ -34,7 +34,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     extra = None
     if args.sae:
-        from moex.interp.sae_source import sae_extra
+        from moex.interp.sae_command import sae_extra
 
         extra = sae_extra(args.sae)
     if args.suite == "chess":

@@ -1,0 +1,1 @@
+"""Interpretability: feature sources, the chess board-state suite, SAEs, text/POS probing."""
