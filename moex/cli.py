@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     from moex.parallel.launch import strip_local_rank
 
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # dotted overrides may follow options: `moex compare R --out D train.max_steps=3`
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides += rest
     try:
         if args.cmd in COMMANDS:
             return COMMANDS[args.cmd](args)

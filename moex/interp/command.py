@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "or chess/games.pgn under the data root)")
     p.add_argument("--games", type=int, default=1000, help="chess: number of evaluation games")
     p.add_argument("--conllu", help="text: UD treebank for POS probing (default ud-english-ewt dev under the data root)")
+    p.add_argument("--sentences", type=int, default=600, help="text: number of UD sentences")
     p.add_argument("--batch-size", type=int, default=32)
 
 
@@ -45,7 +46,8 @@ def run(args) -> int:
     else:
         from moex.interp import text_suite
 
-        res = text_suite.run(loaded, out_dir=out, conllu=args.conllu, batch_size=args.batch_size, sae_extra=extra)
+        res = text_suite.run(loaded, out_dir=out, conllu=args.conllu, max_sentences=args.sentences,
+                             batch_size=args.batch_size, sae_extra=extra)
     res.update({"checkpoint": str(loaded.ckpt_dir), "step": loaded.step, "suite": args.suite})
     (out / "report.json").write_text(json.dumps(res, indent=2))
     md = report.markdown(res)

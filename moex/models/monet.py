@@ -1,0 +1,195 @@
+"""Monet: Mixture of Monosemantic Experts (Park et al. 2024, arXiv 2412.04139).
+
+Shape key: T tokens, D model dim, H routing heads, N sub-experts per key set
+(`num_sub_experts`; N*N experts), M hidden units per sub-expert (`d_expert`),
+M2 = M/2 (VD half-layers), D2 = D/2.
+
+Two routers score N sub-experts each, per head. Logits z are normalised by a
+BatchNorm without affine (one mean/var per head, pooled over tokens and
+sub-experts, as in the official code; running stats at eval); sub-expert i is
+kept when its normalised logit >= Phi^-1(1 - k/N), the max always kept;
+g = softmax of the raw logits over the kept set. Expert (i, j) gets weight
+sum_h g1_hi g2_hj. Activation: squared ReLU.
+
+Horizontal decomposition (HD), E_ij(x) = V_j a(U_i x + b1_i) + b2_j:
+    sum_h sum_ij g1_hi g2_hj E_ij(x)
+      = sum_j V_j [ sum_h g2_hj sum_i g1_hi a(U_i x + b1_i) ] + sum_h sum_j g2_hj b2_j
+(sum_i g1_hi = 1), so no N^2 expert is ever built.
+
+Vertical decomposition (VD): sub-expert i owns half-layer h1_i = a(U1_i x + b11_i)
+(M2 units) and the top output half, j owns h2_j and the bottom half:
+    E_ij(x) = [ V11_i h1_i + V12_i h2_j + b1_i ;  V21_j h1_i + V22_j h2_j + b2_j ]
+This is the official code's MoVDE read as a per-expert formula.
+
+Router sharing: one `MonetRouter` module serves `router_share_every`
+consecutive sparse layers, each applying it to its own input. (The official
+code instead reuses the *gates* computed at the group's first layer; that needs
+state passed between layers, which the block interface here does not carry.)
+
+Aux losses (lambda = 1e-3 each): uniformity N * sum_i (mean_t g_i - 1/N)^2
+(0 when usage is uniform) and ambiguity mean(1 - max_i g_i), both averaged over
+heads and the two routers. The paper states them in words and a formula whose
+normalisation we do not reproduce exactly; these have the same minimisers.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moex.config import MoEConfig, ModelConfig
+from moex.models.outputs import FFNOutput
+
+AUX_COEF = 1e-3
+
+
+def relu2(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+class MonetRouter(nn.Module):
+    """Two product-key routers: x_TD -> (g1_THN, g2_THN, z1_THN, z2_THN, keep1_THN, keep2_THN)."""
+
+    def __init__(self, d_model: int, num_sub: int, num_heads: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k < num_sub:
+            raise ValueError(f"Monet needs 1 <= top_k < num_sub_experts, got top_k={top_k}, N={num_sub}")
+        self.N, self.H = num_sub, num_heads
+        self.w1 = nn.Linear(d_model, num_heads * num_sub, bias=False)
+        self.w2 = nn.Linear(d_model, num_heads * num_sub, bias=False)
+        self.norm1 = nn.BatchNorm1d(num_heads, affine=False)
+        self.norm2 = nn.BatchNorm1d(num_heads, affine=False)
+        self.threshold = NormalDist().inv_cdf(1 - top_k / num_sub)
+
+    def _gates(self, z_THN: Tensor, norm: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+        T = z_THN.shape[0]
+        zn_THN = norm(z_THN.transpose(1, 2).reshape(T * self.N, self.H)).view(T, self.N, self.H).transpose(1, 2)
+        thr_TH1 = zn_THN.amax(-1, keepdim=True).clamp_max(self.threshold)  # keep at least the max
+        keep_THN = zn_THN >= thr_TH1
+        g_THN = z_THN.masked_fill(~keep_THN, float("-inf")).softmax(-1)
+        return g_THN, keep_THN
+
+    def forward(self, x_TD: Tensor):
+        T = x_TD.shape[0]
+        z1_THN = self.w1(x_TD).view(T, self.H, self.N).float()
+        z2_THN = self.w2(x_TD).view(T, self.H, self.N).float()
+        g1_THN, keep1_THN = self._gates(z1_THN, self.norm1)
+        g2_THN, keep2_THN = self._gates(z2_THN, self.norm2)
+        return g1_THN, g2_THN, z1_THN, z2_THN, keep1_THN, keep2_THN
+
+
+def monet_aux_losses(g1_THN: Tensor, g2_THN: Tensor) -> dict[str, Tensor]:
+    """Uniformity of sub-expert usage and ambiguity (1 - max gate), scaled by AUX_COEF."""
+    N = g1_THN.shape[-1]
+    unif = sum(N * (g.mean(0) - 1.0 / N).square().sum(-1).mean() for g in (g1_THN, g2_THN)) / 2
+    amb = sum((1 - g.amax(-1)).mean() for g in (g1_THN, g2_THN)) / 2
+    return {"monet_uniformity": AUX_COEF * unif, "monet_ambiguity": AUX_COEF * amb}
+
+
+class MonetLayer(nn.Module):
+    """A Monet FFN (HD or VD). `forward(x)` accepts (..., D) and returns FFNOutput."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, router: MonetRouter | None = None):
+        super().__init__()
+        self.mode, self.N, self.H, self.M, self.k = cfg.monet_mode, cfg.num_sub_experts, cfg.num_heads, cfg.d_expert, cfg.top_k
+        self.router = router or MonetRouter(d_model, self.N, self.H, self.k)
+        N, M, D = self.N, self.M, d_model
+        if self.mode == "hd":
+            self.u = nn.Linear(D, N * M)  # U_i rows [i*M, (i+1)*M), bias b1_i
+            self.v = nn.Linear(N * M, D, bias=False)  # V_j columns [j*M, (j+1)*M)
+            self.b2_ND = nn.Parameter(torch.zeros(N, D))
+        elif self.mode == "vd":
+            if M % 2 or D % 2:
+                raise ValueError(f"Monet VD needs even d_expert and d_model, got {M} and {D}")
+            M2, D2 = M // 2, D // 2
+            self.u1, self.u2 = nn.Linear(D, N * M2), nn.Linear(D, N * M2)
+            self.v11, self.v12 = nn.Linear(N * M2, D2, bias=False), nn.Linear(N * M2, D2, bias=False)
+            self.v21, self.v22 = nn.Linear(N * M2, D2, bias=False), nn.Linear(N * M2, D2, bias=False)
+            self.b1_ND2 = nn.Parameter(torch.zeros(N, D2))
+            self.b2_ND2 = nn.Parameter(torch.zeros(N, D2))
+        else:
+            raise ValueError(f"monet_mode must be 'hd' or 'vd', got {self.mode!r}")
+        for m in self.modules():  # GPT's init redraws weights only; start biases at zero
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _expert_params(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("router."))
+
+    def active_params(self) -> tuple[int, int]:
+        """(expert params, params of the ~H*k kept sub-experts per key set); the router counts as active."""
+        total = self._expert_params()
+        return total, int(total * min(1.0, self.H * self.k / self.N))
+
+    def hidden(self, x_TD: Tensor, g1_THN: Tensor, g2_THN: Tensor):
+        """Post-activation sub-expert hidden units: HD (h_TNM,), VD (h1_TNM2, h2_TNM2)."""
+        if self.mode == "hd":
+            return (relu2(self.u(x_TD)).view(x_TD.shape[0], self.N, self.M),)
+        T = x_TD.shape[0]
+        return relu2(self.u1(x_TD)).view(T, self.N, -1), relu2(self.u2(x_TD)).view(T, self.N, -1)
+
+    def combine(self, hs, g1_THN: Tensor, g2_THN: Tensor) -> Tensor:
+        g1, g2 = g1_THN.to(hs[0].dtype), g2_THN.to(hs[0].dtype)
+        if self.mode == "hd":
+            (h_TNM,) = hs
+            c_THM = torch.einsum("thi,tim->thm", g1, h_TNM)  # sum_i g1_hi h_i, per head
+            z_TNM = torch.einsum("thj,thm->tjm", g2, c_THM)  # sum_h g2_hj (...)
+            return self.v(z_TNM.flatten(1)) + g2.sum(1) @ self.b2_ND
+        h1, h2 = hs
+        G1_TN, G2_TN = g1.sum(1), g2.sum(1)  # sum_h g_hi
+        mix1_THM = torch.einsum("thi,tim->thm", g1, h1)  # sum_i g1_hi h1_i
+        mix2_THM = torch.einsum("thj,tjm->thm", g2, h2)  # sum_j g2_hj h2_j
+        top = (self.v11((G1_TN[..., None] * h1).flatten(1))
+               + self.v12(torch.einsum("thi,thm->tim", g1, mix2_THM).flatten(1)) + G1_TN @ self.b1_ND2)
+        bot = (self.v21(torch.einsum("thj,thm->tjm", g2, mix1_THM).flatten(1))
+               + self.v22((G2_TN[..., None] * h2).flatten(1)) + G2_TN @ self.b2_ND2)
+        return torch.cat((top, bot), dim=-1)
+
+    def forward(self, x: Tensor) -> FFNOutput:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        g1, g2, z1, z2, keep1, keep2 = self.router(x_TD)
+        hs = self.hidden(x_TD, g1, g2)
+        y_TD = self.combine(hs, g1, g2)
+        return FFNOutput(y_TD.reshape(shape), monet_aux_losses(g1, g2), self._stats(hs, z1, z2, keep1, keep2))
+
+    @torch.no_grad()
+    def _stats(self, hs, z1, z2, keep1, keep2) -> dict[str, Tensor]:
+        T = z1.shape[0]
+        p = torch.cat((z1, z2), 1).softmax(-1)
+        used1_TN, used2_TN = keep1.any(1), keep2.any(1)  # kept by any head
+        if self.mode == "hd":
+            active = ((hs[0] > 0) & used1_TN[..., None]).sum()
+        else:
+            active = ((hs[0] > 0) & used1_TN[..., None]).sum() + ((hs[1] > 0) & used2_TN[..., None]).sum()
+        return {
+            "tokens_per_expert": torch.cat((keep1.sum((0, 1)), keep2.sum((0, 1)))).float(),  # 2N sub-experts
+            "router_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),
+            "dropped_frac": torch.zeros(()),
+            "active_frac": active.float() / (T * self.N * self.M),
+        }
+
+
+_CACHE = "_monet_router_cache"  # lives on the ModelConfig only while one GPT is being built
+
+
+def build_monet(cfg: ModelConfig, layer: int) -> MonetLayer:
+    """The Monet FFN of `layer`, sharing one router per group of `router_share_every` sparse layers.
+
+    GPT builds layers in order, so the group's router is stashed on `cfg` at the
+    group's first sparse layer and dropped after the model's last sparse layer:
+    nothing is shared between two models built from the same config.
+    """
+    m, share = cfg.moe, max(1, cfg.moe.router_share_every)
+    idx = layer // cfg.moe_every  # index among sparse layers
+    cache = cfg.__dict__.setdefault(_CACHE, {})
+    if idx % share == 0 or idx // share not in cache:
+        cache.clear()
+        cache[idx // share] = MonetRouter(cfg.d_model, m.num_sub_experts, m.num_heads, m.top_k)
+    layer_mod = MonetLayer(cfg.d_model, m, router=cache[idx // share])
+    if idx == cfg.n_layer // cfg.moe_every - 1:  # last sparse layer of this model
+        cfg.__dict__.pop(_CACHE, None)
+    return layer_mod

@@ -1,0 +1,72 @@
+"""`moex interpret` end to end on tiny trained models (chess and text suites)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import chess
+import chess.pgn
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UD = ROOT.parent / "shared/data/ud-english-ewt/en_ewt-ud-dev.conllu"
+TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=256", "model.moe.d_expert=16",
+        "model.moe.num_experts=4", "train.max_steps=3", "train.batch_size=2", "train.eval_interval=3",
+        "train.eval_batches=1", "train.ckpt_interval=3", "train.progress=false"]
+
+
+def moex(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "moex.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
+    return p
+
+
+def write_pgn(path: Path, n: int = 12) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            b, game = chess.Board(), chess.pgn.Game()
+            node = game
+            for _ in range(40):
+                moves = list(b.legal_moves)
+                if not moves:
+                    break
+                m = rng.choice(moves)
+                node = node.add_variation(m)
+                b.push(m)
+            print(game, file=f, end="\n\n")
+
+
+def test_chess_suite_report(tmp_path):
+    moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *TINY, "data.num_games=30", cwd=tmp_path)
+    write_pgn(tmp_path / "eval.pgn")
+    moex("interpret", "runs/chess-tiny", "--suite", "chess", "--pgn", str(tmp_path / "eval.pgn"), "--games", "12",
+         "--out", "rep", cwd=tmp_path)
+    rep = json.loads((tmp_path / "rep/report.json").read_text())
+    assert rep["games"] == 12 and rep["label_games"] == 6
+    assert set(rep["sources"]) == {"L0.moe.code", "L0.moe.gates", "L1.moe.code", "L1.moe.gates"}
+    for r in rep["sources"].values():
+        assert 0 <= r["coverage"]["score"] <= 1 and r["coverage"]["properties"] == 768
+        assert 0 <= r["reconstruction"]["score"] <= 1
+    assert (tmp_path / "rep/report.md").read_text().count("| L") == 4 and (tmp_path / "rep/chess_scores.png").exists()
+
+
+@pytest.mark.skipif(not UD.exists(), reason="shared UD data not present")
+def test_text_suite_report(tmp_path):
+    import string
+
+    (tmp_path / "t.txt").write_text((string.ascii_letters + string.digits + string.punctuation + " \n") * 300)
+    moex("train", str(ROOT / "recipes/shakespeare-char-moex.yaml"), *TINY, f"data.path={tmp_path}/t.txt",
+         cwd=tmp_path)
+    moex("interpret", "runs/shakespeare-char-moex", "--suite", "text", "--conllu", str(UD), "--sentences", "20",
+         "--out", "rep", cwd=tmp_path)
+    rep = json.loads((tmp_path / "rep/report.json").read_text())
+    assert rep["sentences"] + rep["skipped_sentences"] == 20 and rep["sentences"] >= 15 and rep["tokens"] > 100
+    assert 0 <= rep["sources"]["L1.moe.code"]["mean_best_f1"] <= 1
+    mi = rep["routing"]["L1.moe.gates"]["mutual_information"]
+    assert 0 <= mi["mi_bits"] <= mi["tag_entropy_bits"] + 1e-9
+    assert (tmp_path / "rep/routing_L1.moe.gates.png").exists() and (tmp_path / "rep/features.md").exists()
