@@ -6,6 +6,15 @@ import torch
 from moex.interp.sae import SAE, ReLUSAE, SAEConfig, TopKSAE, quality, spliced_loss_recovered, train_sae
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sparse_data(N=2048, D=16, L=32, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     dictionary = torch.randn(L, D, generator=g)
@@ -30,9 +39,11 @@ def test_training_reduces_reconstruction_error(kind):
 
 def test_training_from_an_iterator_of_batches():
     x = sparse_data(N=4096)
-    batches = (x[i : i + 128] for i in range(0, 4096, 128))  # 32 batches, fewer than cfg.steps
-    sae, q = train_sae(batches, SAEConfig(d_in=16, d_latent=64, k=4, steps=100, lr=3e-3), progress=False)
-    assert q["steps"] == 32 and q["mse"] < 0.5 * q["mse_init"]
+    cfg = SAEConfig(d_in=16, d_latent=64, k=4, steps=200, lr=3e-3)
+    batches = (x[i : i + 16] for i in range(0, 4096, 16))  # 256 batches: cfg.steps stops first
+    sae, q = train_sae(batches, cfg, progress=False)
+    assert q["steps"] == 200 and q["mse"] < 0.5 * q["mse_init"]
+    assert train_sae(iter([x[:16]] * 5), cfg, progress=False)[1]["steps"] == 5
     with pytest.raises(ValueError, match="no training data"):
         train_sae(iter([]), SAEConfig(d_in=16, d_latent=64, k=4), progress=False)
 
@@ -40,7 +51,8 @@ def test_training_from_an_iterator_of_batches():
 def test_explained_variance_and_mse_match_hand_formula():
     sae = ReLUSAE(4, 8, l1_coef=0.0)
     x = torch.randn(100, 4)
-    x_hat, _ = sae(x)
+    with torch.no_grad():
+        x_hat, _ = sae(x)
     q = quality(sae, x, batch_size=7)  # batching must not change anything
     assert q["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-5)
     ev = 1 - float(((x - x_hat) ** 2).sum()) / float(((x - x.mean(0)) ** 2).sum())
