@@ -93,3 +93,27 @@ def test_upcycle_command_writes_state_and_recipe(tmp_path):
     moe = GPT(cfg.model)
     moe.load_state_dict(torch.load(tmp_path / "up" / "upcycled.pt"))
     torch.testing.assert_close(moe.wte.weight, dense.wte.weight)
+
+
+def test_partition_scheme_reproduces_dense_when_k_distinct_chunks_are_chosen():
+    """F = 2H, k = 2: experts 0 and 1 hold the two halves; picking them with gates 1/2 is the dense MLP."""
+    import torch
+
+    from moex import config as C
+    from moex.models import GPT
+    from moex.models.upcycle import upcycle_state
+
+    base = ["model.vocab_size=32", "model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.block_size=8"]
+    dense_cfg = C.load(None, base + ["model.ffn=dense", "model.d_ff=24", "model.mlp_activation=relu"]).model
+    moe_cfg = C.load(None, base + ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_expert=12"]).model
+    torch.manual_seed(0)
+    dense = GPT(dense_cfg).eval()
+    state = upcycle_state(dense.state_dict(), dense_cfg, moe_cfg, scheme="partition", noise=0.0)
+    moe = GPT(moe_cfg)
+    moe.load_state_dict(state)
+    x = torch.randn(5, 16)
+    layer, mlp = moe.blocks[0].ffn, dense.blocks[0].ffn
+    h0 = torch.relu(x @ layer.experts.w1_EDH[0]) @ layer.experts.w2_EHD[0]
+    h1 = torch.relu(x @ layer.experts.w1_EDH[1]) @ layer.experts.w2_EHD[1]
+    torch.testing.assert_close(0.5 * h0 + 0.5 * h1, mlp(x).y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.experts.w1_EDH[2], layer.experts.w1_EDH[0])  # expert 2 repeats chunk 0

@@ -16,6 +16,10 @@ Each sparse layer's experts come from the dense layer's fc (F x D) / proj (D x F
   output exactly: sum_j (1/E) * E * proj_j relu(fc_j x) = proj relu(fc x). With
   top-k < E and gates summing to 1, the routed output is then an (E/k)-scaled
   sample of the dense sum — the natural scale to start training from.
+- `partition`: for matched active parameters (k*H = F, as in MoE-X's top-2 of
+  8): the F units are cut into r = F/H chunks, expert j gets chunk j mod r, its
+  down-projection scaled by r, plus noise. When the k chosen experts hold k
+  distinct chunks with equal gates (k = r) the layer equals the dense MLP.
 
 The result is a state dict for `GPT(moe_cfg.model)`; `moex upcycle` saves it and
 a recipe whose `train.init_from` points at it.
@@ -31,7 +35,7 @@ import torch
 
 from moex import config as C
 
-SCHEMES = ("copy", "split")
+SCHEMES = ("copy", "split", "partition")
 
 
 def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelConfig, *, scheme: str,
@@ -53,6 +57,9 @@ def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelC
         raise ValueError(f"scheme copy needs model.moe.d_expert == dense d_ff ({F}), got {H}")
     if scheme == "split" and E * H != F:
         raise ValueError(f"scheme split needs num_experts * d_expert == dense d_ff ({F}), got {E} * {H}")
+    if scheme == "partition" and F % H:
+        raise ValueError(f"scheme partition needs dense d_ff ({F}) divisible by model.moe.d_expert ({H})")
+    r = F // H
     with torch.device("meta"):
         target = GPT(moe_cfg).state_dict()
     gen = torch.Generator().manual_seed(seed)
@@ -66,14 +73,21 @@ def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelC
         prefix, _, leaf = name.rpartition(".experts.")
         fc_FD = dense_state[prefix + ".fc.weight"]  # prefix = blocks.i.ffn
         proj_DF = dense_state[prefix + ".proj.weight"]
+        chunk_E = torch.arange(E) % r if scheme == "partition" else None
         if leaf == "w1_EDH":
-            w = fc_FD.T.unsqueeze(0).expand(E, -1, -1) if scheme == "copy" else fc_FD.T.reshape(-1, E, H).transpose(0, 1)
+            if scheme == "partition":
+                w = fc_FD.T.reshape(-1, r, H).transpose(0, 1)[chunk_E]
+            else:
+                w = fc_FD.T.unsqueeze(0).expand(E, -1, -1) if scheme == "copy" else fc_FD.T.reshape(-1, E, H).transpose(0, 1)
         elif leaf == "w2_EHD":
-            w = proj_DF.T.unsqueeze(0).expand(E, -1, -1) if scheme == "copy" else E * proj_DF.T.reshape(E, H, -1)
+            if scheme == "partition":
+                w = r * proj_DF.T.reshape(r, H, -1)[chunk_E]
+            else:
+                w = proj_DF.T.unsqueeze(0).expand(E, -1, -1) if scheme == "copy" else E * proj_DF.T.reshape(E, H, -1)
         else:
             raise KeyError(f"{name}: unknown expert tensor")
         w = w.contiguous().clone()
-        if scheme == "copy" and noise:
+        if scheme in ("copy", "partition") and noise:
             w = w + noise * w.std() * torch.randn(w.shape, generator=gen)
         out[name] = w
     return _fill_new(out, target, moe_cfg)
@@ -122,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="MoE recipe (model.ffn=moe) to upcycle into")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--scheme", choices=SCHEMES, default="copy")
-    p.add_argument("--noise", type=float, default=0.01, help="copy: noise std relative to the weight std")
+    p.add_argument("--noise", type=float, default=0.01, help="copy/partition: noise std relative to the weight std")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to create (train it with `moex train OUT/recipe.yaml`)")
 
