@@ -54,6 +54,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, *, rank: int, ba
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    # MoE models: expert-parallel shards and layout-independent Adam state (moex.parallel.reshard).
+    from moex.parallel import reshard
+
+    reshard.save(engine, ckpt_dir / tmp_tag, rank=rank)
     barrier()
     final = ckpt_dir / tag
     if rank == 0:

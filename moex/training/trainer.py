@@ -123,6 +123,10 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=sched, config=deepspeed_config(cfg, self.world)
         )
         self.model = self.engine.module
+        if cfg.parallel.ep_size > 1:  # expert parallelism: DeepSpeed's no-ZeRO clipping norm is not global
+            from moex.parallel.expert import install_exact_grad_clipping
+
+            install_exact_grad_clipping(self.engine, cfg.parallel.ep_size)
 
     def _say(self, msg: str) -> None:
         if self.rank == 0:
@@ -135,7 +139,11 @@ class Trainer:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
             return 0
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        # DeepSpeed's loader when the parallel layout is unchanged; otherwise moex reshards
+        # (experts, Adam state) by parameter name. See moex.parallel.reshard.
+        from moex.parallel import reshard
+
+        client = reshard.resume(self.engine, self.ckpt_dir, tag, self.cfg, self.world)
         checkpoint.set_rng_state(client["rng"][self.rank] if self.rank < len(client["rng"]) else client["rng"][0])
         self._say(f"resumed from {self.ckpt_dir / tag} (step {client['step']})")
         return client["step"]
