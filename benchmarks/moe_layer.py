@@ -1,154 +1,307 @@
-"""MoE layer forward+backward time vs an equal-active-FLOP dense MLP and DeepSpeed's MoE layer.
+"""MoE layer forward+backward speed and peak memory, as ratios taken in one run.
 
-    python benchmarks/moe_layer.py [--quick] [--reps 5] [--device cpu|cuda]
+Shape key: T tokens, D model dim, E experts, H hidden units per expert, k experts
+per token, A = T*k assignment rows.
 
-Rows: the moex MoE layer per grouped-GEMM backend, the loop reference, a dense
-MLP with d_ff = k*H (same active FLOPs), and `deepspeed.moe.layer.MoE` at the
-same (E, k, D, H) with `drop_tokens=False` (its capacity grows to the busiest
-expert, so nothing is dropped). Timings are medians of interleaved repetitions
-(ABAB...) in one run; the table reports ratios, plus achieved FLOP/s as a share
-of this machine's dense matmul FLOP/s measured in the same run. Peak memory is
-reported on CUDA only (torch has no allocator statistics on CPU).
-Writes benchmarks/results/moe_layer.{json,md}.
+Per configuration (E, H, k, T, D) it times one training-style step (forward,
+loss = <y, g> + balance loss, backward) of
+
+- ``dense``: a ReLU MLP with d_ff = k*H (the same active expert FLOPs),
+- ``moex[<backend>]``: ``moex.models.moe.MoELayer`` (top-k router) per grouped-GEMM
+  backend (``torch``, ``loop``; ``triton`` only on CUDA),
+- ``naive``: the layer as first written (argsort permute -> grouped_mm -> gate
+  multiply on the (A, D) output -> index_add), kept here as the "before",
+- ``deepspeed``: ``deepspeed.moe.layer.MoE`` at the same (E, k, D, H) with
+  ``drop_tokens=False`` (its capacity becomes the largest expert load, so nothing
+  is dropped; checked: its per-expert counts sum to T*k),
+- ``matmul``: a plain (4096 x 1024) @ (1024 x 1024) product, the machine's own
+  dense matmul rate measured in the same run.
+
+Repetitions are interleaved (every variant once per round), and medians kept.
+Peak memory: on CPU, the peak of live bytes allocated by torch during one step
+above what was live before it, from ``torch.profiler`` memory events
+(tracemalloc cannot see torch's allocator); on CUDA ``max_memory_allocated``.
+On CPU the script sets ``THP_MEM_ALLOC_ENABLE=1`` (torch's allocator then backs
+large tensors with transparent huge pages; ``--no-thp`` to compare) before torch
+is imported; it applies to every variant alike.
+
+    PYTHONPATH=. python benchmarks/moe_layer.py [--quick] [--device cuda] [--threads N]
+
+Writes benchmarks/results/moe_layer.{json,md} (``--out`` to change the stem).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import statistics
-import time
-from pathlib import Path
+import sys
 
-import torch
+if "--no-thp" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if "cuda" not in " ".join(sys.argv) else "cuda")
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
-CONFIGS = [  # (T tokens, D, E, H, k)
-    (8192, 512, 8, 1024, 2),
-    (8192, 512, 32, 256, 1),
-    (16384, 512, 64, 128, 2),
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from moex.config import MoEConfig  # noqa: E402
+from moex.models.mlp import DenseMLP  # noqa: E402
+from moex.models.moe import MoELayer  # noqa: E402
+from moex.ops import grouped_mm, permute  # noqa: E402
+
+# (E, H, k, T, D); the first three are the issue's reference rows.
+ROWS = [
+    (8, 1024, 2, 8192, 512),
+    (32, 256, 1, 8192, 512),
+    (64, 128, 2, 16384, 512),
+    (8, 512, 1, 2048, 1024),
+    (32, 128, 2, 4096, 1024),
+    (64, 256, 2, 32768, 512),
 ]
+QUICK_ROWS = [(8, 1024, 2, 2048, 512), (32, 256, 1, 2048, 512), (64, 128, 2, 4096, 512)]
+DS_MASK_LIMIT_BYTES = 3 << 30  # skip DeepSpeed where its T x E x C fp32 combine tensor alone exceeds this
 
 
-def moex_layer(D, E, H, k, backend):
-    from moex.config import MoEConfig
-    from moex.models.moe import MoELayer
+# ----------------------------------------------------------------------------- variants
+class NaiveMoE(nn.Module):
+    """The first version of the layer: argsort, gather, grouped GEMMs, (A, D) gate multiply, index_add."""
 
-    return MoELayer(D, MoEConfig(num_experts=E, top_k=k, d_expert=H, router="topk", activation="relu",
-                                 gemm_backend=backend, aux_loss_coef=0.0, z_loss_coef=0.0))
+    def __init__(self, moe: MoELayer):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x_TD: Tensor):
+        m = self.moe
+        r = m.router(x_TD, m.experts)
+        expert_A = r.expert_A
+        order_A = torch.argsort(expert_A, stable=True)
+        counts_E = torch.bincount(expert_A, minlength=m.cfg.num_experts)
+        x_AD = x_TD.index_select(0, r.token_A.index_select(0, order_A))
+        h_AH = m.experts.act(grouped_mm(x_AD, m.experts.w1_EDH, counts_E, backend=m.cfg.gemm_backend))
+        y_AD = grouped_mm(h_AH, m.experts.w2_EHD, counts_E, backend=m.cfg.gemm_backend)
+        g_A = r.gate_A.index_select(0, order_A).unsqueeze(-1)
+        y_TD = y_AD.new_zeros(x_TD.shape).index_add(0, r.token_A.index_select(0, order_A), y_AD * g_A)
+        return y_TD, sum(r.aux_losses.values())
 
 
-def dense_mlp(D, E, H, k):
-    from moex.models.mlp import DenseMLP
+def _init_dist_once():
+    import torch.distributed as dist
 
-    return DenseMLP(D, k * H, "relu")
+    if not dist.is_initialized():
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517").items():
+            os.environ.setdefault(k, v)
+        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def deepspeed_layer(D, E, H, k):
-    import deepspeed
+def deepspeed_moe(E, H, k, D):
+    """deepspeed.moe.layer.MoE, dropless (drop_tokens=False), deterministic top-2 (no 2nd-expert sampling)."""
+    _init_dist_once()
     from deepspeed.moe.layer import MoE
 
-    class Expert(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.proj = torch.nn.Linear(D, H, bias=False), torch.nn.Linear(H, D, bias=False)
-
-        def forward(self, x):
-            return self.proj(torch.relu(self.fc(x)))
-
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
-                                   auto_mpi_discovery=False)
-    layer = MoE(hidden_size=D, expert=Expert(), num_experts=E, ep_size=1, k=k, drop_tokens=False, use_rts=False)
-    layer.set_deepspeed_parallelism()
-    return layer
+    expert = nn.Sequential(nn.Linear(D, H, bias=False), nn.ReLU(), nn.Linear(H, D, bias=False))
+    return MoE(D, expert, num_experts=E, ep_size=1, k=k, drop_tokens=False, use_rts=False,
+               top2_2nd_expert_sampling=False)
 
 
-def step_fn(module, x, kind):
-    def run():
-        x.grad = None
-        out = module(x)
-        y = out.y if kind in ("moex", "dense") else out[0]
-        y.backward(torch.ones_like(y))  # materialised upstream gradient
-    return run
+def build_variants(E, H, k, D, device, dtype, backends, with_ds):
+    """name -> (module, step(x, g) -> scalar loss) ; skipped -> reason."""
+    out, skipped = {}, {}
+    dense = DenseMLP(D, k * H, "relu").to(device, dtype)
+    out["dense"] = (dense, lambda x, g: (dense(x).y * g).sum())
+    cfg = dict(num_experts=E, top_k=k, d_expert=H, router="topk", activation="relu", aux_loss_coef=1e-2, z_loss_coef=0.0)
+    for b in backends:
+        m = MoELayer(D, MoEConfig(**cfg, gemm_backend=b)).to(device, dtype)
+
+        def step(x, g, m=m):
+            o = m(x)
+            return (o.y * g).sum() + sum(o.aux_losses.values())
+
+        out[f"moex[{b}]"] = (m, step)
+    naive = NaiveMoE(MoELayer(D, MoEConfig(**cfg, gemm_backend="torch"))).to(device, dtype)
+
+    def naive_step(x, g):
+        y, aux = naive(x)
+        return (y * g).sum() + aux
+
+    out["naive"] = (naive, naive_step)
+    if with_ds is not None:
+        skipped["deepspeed"] = with_ds
+    else:
+        ds = deepspeed_moe(E, H, k, D).to(device, dtype)
+
+        def ds_step(x, g):
+            y, l_aux, counts = ds(x.unsqueeze(0))
+            ds_step.counts = counts
+            return (y.squeeze(0) * g).sum() + 1e-2 * l_aux
+
+        out["deepspeed"] = (ds, ds_step)
+    return out, skipped
 
 
-def bench(fns: dict, reps: int) -> dict[str, float]:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up (and backend probing)
-    for _ in range(reps):
-        for name, f in fns.items():  # interleaved so drift hits every row alike
-            t0 = time.perf_counter()
-            f()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+# ----------------------------------------------------------------------------- measurement
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def matmul_flops(T, D, F, reps, device) -> float:
-    a, b = torch.randn(T, D, device=device), torch.randn(D, F, device=device)
-    a @ b
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        t.append(time.perf_counter() - t0)
-    return 2 * T * D * F / statistics.median(t)
+def run_step(module, step, x, g):
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    step(x, g).backward()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a quarter of the tokens")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-deepspeed", action="store_true")
-    args = ap.parse_args()
+def time_once(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_bytes(fn, device) -> int:
+    """Peak bytes allocated by torch during fn() above the bytes live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as p:
+        fn()
+    evs = [e for e in p.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    cur = peak = 0
+    for e in sorted(evs, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def bench_row(E, H, k, T, D, args, device, dtype):
+    backends = ["torch", "loop"] + (["triton"] if device.type == "cuda" else [])
+    T_, skip_ds = T, None
+    C_est = 1.25 * T * k / E
+    if args.no_deepspeed:
+        skip_ds = "--no-deepspeed"
+    elif T * E * C_est * 4 > DS_MASK_LIMIT_BYTES:
+        skip_ds = f"its T x E x C combine tensor alone would be ~{T * E * C_est * 4 / 2**30:.1f} GiB"
     torch.manual_seed(0)
-    rows = []
-    backends = ["torch", "loop"] + (["triton"] if args.device == "cuda" else [])
-    for T, D, E, H, k in CONFIGS:
-        T = T // 4 if args.quick else T
-        x = torch.randn(T, D, device=args.device, requires_grad=True)
-        mods = {f"moex[{b}]": ("moex", moex_layer(D, E, H, k, b)) for b in backends}
-        mods["dense"] = ("dense", dense_mlp(D, E, H, k))
-        if not args.no_deepspeed:
-            mods["deepspeed"] = ("ds", deepspeed_layer(D, E, H, k))
-        fns = {name: step_fn(m.to(args.device), x, kind) for name, (kind, m) in mods.items()}
-        t = bench(fns, args.reps)
-        flops = 6 * T * k * D * H * 2  # fwd+bwd of two GEMMs over T*k assignments
-        peak = matmul_flops(T, D, k * H, args.reps, args.device)
-        row = {"T": T, "D": D, "E": E, "H": H, "k": k, "seconds": t, "matmul_flops": peak,
-               "vs_dense": {n: t[n] / t["dense"] for n in t},
-               "vs_deepspeed": {n: t[n] / t["deepspeed"] for n in t} if "deepspeed" in t else {},
-               "flops_share": {n: flops / t[n] / peak for n in t}}
-        rows.append(row)
-        print(f"T={T} D={D} E={E} H={H} k={k}: " + "  ".join(f"{n} {1e3 * s:.0f} ms" for n, s in t.items()), flush=True)
-    names = list(rows[0]["seconds"])
-    md = ["| config (T, D, E, H, k) | " + " | ".join(f"{n} / dense" for n in names) + " | moex[torch] vs DeepSpeed "
-          "| moex[torch] FLOP/s share |", "|---|" + "---:|" * (len(names) + 2)]
+    variants, skipped = build_variants(E, H, k, D, device, dtype, backends, skip_ds)
+    if device.type != "cuda":
+        skipped["moex[triton]"] = ("Triton kernels need CUDA; on CPU they only run under TRITON_INTERPRET=1 "
+                                   "(the Python interpreter, a correctness path tested in tests/test_triton_kernels.py)")
+    x = torch.randn(T_, D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T_, D, device=device, dtype=dtype)
+    a = torch.randn(4096, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 1024, device=device, dtype=dtype)
+    fns = {name: (lambda m=m, s=s: run_step(m, s, x, g)) for name, (m, s) in variants.items()}
+    fns["matmul"] = lambda: a @ b
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for name, fn in fns.items():  # warm-up (and DeepSpeed's dropless check)
+        fn()
+    if "deepspeed" in variants:
+        counts = variants["deepspeed"][1].counts
+        assert int(counts.sum()) == T_ * k, f"DeepSpeed dropped tokens: counts sum {int(counts.sum())} != {T_ * k}"
+    slow_budget = args.slow_budget_s
+    for rep in range(args.reps):
+        for name, fn in fns.items():
+            if rep >= 2 and name in ("moex[loop]", "deepspeed") and sum(times[name]) > slow_budget:
+                continue  # slow references: at least 2 reps, then only while under budget
+            times[name].append(time_once(fn, device))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    mem = {n: peak_bytes(fn, device) for n, fn in fns.items() if n != "matmul"}
+    expert_flops = 3 * 2 * 2 * T_ * k * D * H  # fwd + 2 bwd GEMMs, two layers
+    mm_flops_s = 2 * 4096 * 1024 * 1024 / med["matmul"]
+    row = {"E": E, "H": H, "k": k, "T": T_, "D": D, "reps": {n: len(v) for n, v in times.items()},
+           "time_s": med, "peak_bytes": mem, "skipped": skipped, "matmul_flops_s": mm_flops_s,
+           "expert_flops": expert_flops,
+           "flops_frac_of_matmul": {n: expert_flops / med[n] / mm_flops_s for n in variants}}
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def fmt_ratio(row, name, ref):
+    t = row["time_s"]
+    return f"{t[name] / t[ref]:.2f}x" if name in t and ref in t else "—"
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"MoE layer fwd+bwd on {meta['device_name']} ({meta['threads']} threads, {meta['dtype']}, "
+             f"THP_MEM_ALLOC_ENABLE={meta['thp']}), medians of interleaved reps. Ratios: time / dense MLP "
+             "of equal active FLOPs (d_ff = k*H); 'vs DS' = DeepSpeed time / moex time; FLOP/s = expert "
+             "GEMM FLOPs / step time as a fraction of the plain matmul rate measured in the same run; "
+             "peak = torch bytes allocated during the step / dense's.", ""]
+    hdr = ("| E | H | k | T | D | dense ms | moex[torch] | naive | moex[loop] | deepspeed | moex vs DS | "
+           "moex FLOP/s | dense FLOP/s | peak dense MiB | peak moex | peak DS |")
+    lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
-        vs_ds = r["vs_deepspeed"].get("moex[torch]")
-        md.append(f"| {r['T']}, {r['D']}, {r['E']}, {r['H']}, {r['k']} | "
-                  + " | ".join(f"{r['vs_dense'][n]:.2f}x" for n in names)
-                  + f" | {'–' if vs_ds is None else f'{1 / vs_ds:.2f}x faster'} | {r['flops_share']['moex[torch]']:.0%} |")
-    machine = {"device": args.device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__}
-    text = "\n".join(md) + f"\n\nMachine: {machine}. Ratios of fwd+bwd time (lower is better), medians of {args.reps} interleaved repetitions.\n"
-    print(text)
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    suffix = "" if not args.quick else "_quick"
-    (out / f"moe_layer{suffix}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    (out / f"moe_layer{suffix}.md").write_text(text)
-    return 0
+        t, p, f = r["time_s"], r["peak_bytes"], r["flops_frac_of_matmul"]
+        vs_ds = f"{t['deepspeed'] / t['moex[torch]']:.2f}x" if "deepspeed" in t else "skipped"
+        pds = f"{p['deepspeed'] / p['dense']:.2f}x" if "deepspeed" in p else "—"
+        lines.append(
+            f"| {r['E']} | {r['H']} | {r['k']} | {r['T']} | {r['D']} | {1e3 * t['dense']:.1f} | "
+            f"{fmt_ratio(r, 'moex[torch]', 'dense')} | {fmt_ratio(r, 'naive', 'dense')} | "
+            f"{fmt_ratio(r, 'moex[loop]', 'dense')} | {fmt_ratio(r, 'deepspeed', 'dense')} | {vs_ds} | "
+            f"{100 * f['moex[torch]']:.0f}% | {100 * f['dense']:.0f}% | {p['dense'] / 2**20:.0f} | "
+            f"{p['moex[torch]'] / p['dense']:.2f}x | {pds} |")
+    notes = sorted({f"{k}: {v}" for r in rows for k, v in r["skipped"].items()})
+    if notes:
+        lines += ["", "Skipped: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quick", action="store_true", help="three small rows (T=2k-4k)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--slow-budget-s", type=float, default=20.0, help="time budget per row for loop/DeepSpeed reps after 2")
+    ap.add_argument("--rows", default="", help="E,H,k,T,D;E,H,k,T,D... (overrides the sweep)")
+    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_layer"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rows_cfg = QUICK_ROWS if args.quick else ROWS
+    if args.rows:
+        rows_cfg = [tuple(int(v) for v in r.split(",")) for r in args.rows.split(";")]
+    rows = []
+    for E, H, k, T, D in rows_cfg:
+        t0 = time.perf_counter()
+        rows.append(bench_row(E, H, k, T, D, args, device, dtype))
+        r = rows[-1]
+        print(f"E={E} H={H} k={k} T={T} D={D}: " + ", ".join(
+            f"{n} {1e3 * v:.1f}ms" for n, v in r["time_s"].items()) + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": args.dtype, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "reps": args.reps,
+            "load_avg_start_end": None, "argv": sys.argv[1:]}
+    try:
+        import deepspeed
+
+        meta["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    md = markdown(rows, meta)
+    print("\n" + md)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    print(f"wrote {args.out}.json and .md")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moex.config import MoEConfig
 from moex.models.mlp import activation
 from moex.models.outputs import FFNOutput
-from moex.ops import grouped_mm, permute, unpermute
+from moex.ops import gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 
 
@@ -36,10 +36,17 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.w1_EDH.shape[0]
 
-    def forward(self, x_AD: Tensor, counts_E: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
-        """Rows of x_AD grouped by expert (counts_E). Returns (y_AD, hidden h_AH)."""
+    def forward(self, x_AD: Tensor, counts_E: Tensor, backend: str = "auto", gate_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Rows of x_AD grouped by expert (counts_E). Returns (y_AD, hidden h_AH).
+
+        With ``gate_A`` (one gate per row) the output is already gate-weighted:
+        ``y = (act(x @ w1) * gate) @ w2``. Folding the gate into the (A, H) hidden
+        layer is exact (the down-projection is linear) and H-wide instead of D-wide,
+        and its gradient is a row-dot over H; ``h_AH`` is returned unweighted.
+        """
         h_AH = self.act(grouped_mm(x_AD, self.w1_EDH, counts_E, backend=backend))
-        return grouped_mm(h_AH, self.w2_EHD, counts_E, backend=backend), h_AH
+        hw_AH = h_AH if gate_A is None else h_AH * gate_A.to(h_AH.dtype).unsqueeze(-1)
+        return grouped_mm(hw_AH, self.w2_EHD, counts_E, backend=backend), h_AH
 
 
 def capacity_mask(expert_sorted_A: Tensor, counts_E: Tensor, capacity: int) -> Tensor:
@@ -75,29 +82,30 @@ class MoELayer(nn.Module):
         T, E = x_TD.shape[0], self.cfg.num_experts
         r = self.router(x_TD, self.experts)
         stats = routing_stats(r, E, T)
-        token_A, expert_A, gate_A = r.token_A, r.expert_A, r.gate_A
+        # One stable sort by expert; the capacity cut (if any) reuses it. S = kept rows.
+        order_S, counts_E = sort_by_expert(r.expert_A, E)
         if self.cfg.capacity_factor is not None:
-            token_A, expert_A, gate_A, dropped = self._apply_capacity(token_A, expert_A, gate_A, T)
+            order_S, counts_E, dropped = self._apply_capacity(order_S, counts_E, r.expert_A, T)
             stats["dropped_frac"] = torch.tensor(dropped / max(1, r.expert_A.numel()))
         else:
             stats["dropped_frac"] = torch.zeros(())
-        x_AD, order_A, counts_E = permute(x_TD, token_A, expert_A, E)
-        if self.dispatcher is None:
-            y_AD, h_AH = self.experts(x_AD, counts_E, self.cfg.gemm_backend)
+        token_S = r.token_A.index_select(0, order_S)
+        gate_S = r.gate_A.index_select(0, order_S)
+        x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
+        if self.dispatcher is None:  # gate folded into the (S, H) hidden layer; unweighted combine
+            y_SD, h_SH = self.experts(x_SD, counts_E, self.cfg.gemm_backend, gate_S)
+            y_TD = scatter_add_rows(y_SD, token_S, T)
         else:
-            y_AD, h_AH = self.dispatcher(self.experts, x_AD, counts_E, self.cfg.gemm_backend)
-        y_TD = unpermute(y_AD, order_A, token_A, gate_A, T)
+            y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self.cfg.gemm_backend)
+            y_TD = gated_scatter_add(y_SD, gate_S, token_S, T)
         with torch.no_grad():  # active hidden units per token / all E*H units (the wide sparse code)
-            stats["active_frac"] = (h_AH > 0).sum() / (T * E * self.cfg.d_expert)
+            stats["active_frac"] = (h_SH > 0).sum() / (T * E * self.cfg.d_expert)
         return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
 
-    def _apply_capacity(self, token_A, expert_A, gate_A, T):
+    def _apply_capacity(self, order_A: Tensor, counts_E: Tensor, expert_A: Tensor, T: int):
+        """Keep each expert's first C assignments (in assignment order) of the already sorted order."""
         E, k = self.cfg.num_experts, self.cfg.top_k
         capacity = math.ceil(self.cfg.capacity_factor * T * k / E)
-        order = torch.argsort(expert_A, stable=True)
-        counts_E = torch.bincount(expert_A, minlength=E)
-        keep_sorted = capacity_mask(expert_A[order], counts_E, capacity)
-        keep_A = torch.zeros_like(keep_sorted)
-        keep_A[order] = keep_sorted
-        dropped = int((~keep_A).sum())
-        return token_A[keep_A], expert_A[keep_A], gate_A[keep_A], dropped
+        keep_S = capacity_mask(expert_A.index_select(0, order_A), counts_E, capacity)
+        kept = order_A[keep_S]
+        return kept, counts_E.clamp_max(capacity), order_A.numel() - kept.numel()

@@ -8,6 +8,14 @@ from moex.ops.grouped_gemm import (
     grouped_mm_reference,
     resolve_backend,
 )
+from moex.ops.fused import (
+    gated_scatter_add,
+    gated_scatter_add_reference,
+    scatter_add_rows,
+    scatter_add_rows_reference,
+    sort_by_expert,
+    sort_by_expert_reference,
+)
 from moex.ops.permute import permute, permute_reference, unpermute, unpermute_reference
 
 __all__ = [
@@ -21,4 +29,10 @@ __all__ = [
     "permute_reference",
     "unpermute",
     "unpermute_reference",
+    "sort_by_expert",
+    "sort_by_expert_reference",
+    "scatter_add_rows",
+    "scatter_add_rows_reference",
+    "gated_scatter_add",
+    "gated_scatter_add_reference",
 ]

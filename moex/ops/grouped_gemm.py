@@ -80,16 +80,21 @@ def _torch_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     key = (str(device), dtype)
     if key not in _torch_probe:
         try:
-            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
-            y = _TORCH_GMM(x, w, offs=offs)
-            y.backward(torch.ones_like(y))
-            ok = bool(torch.all(y == 16)) and bool(torch.all(w.grad == 8))
+            with torch.inference_mode(False), torch.enable_grad():  # callers may be under no_grad
+                ok = _torch_probe_once(device, dtype)
             _torch_probe[key] = None if ok else "torch grouped_mm probe returned wrong values"
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
             _torch_probe[key] = f"torch grouped_mm fails for {dtype} on {device}: {str(e).splitlines()[0]}"
     return _torch_probe[key]
+
+
+def _torch_probe_once(device: torch.device, dtype: torch.dtype) -> bool:
+    x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+    y = _TORCH_GMM(x, w, offs=offs)
+    y.backward(torch.ones_like(y))
+    return bool(torch.all(y == 16)) and bool(torch.all(w.grad == 8))
 
 
 def _pad_to(n: int, mult: int) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moex.ops.fused import gated_scatter_add, sort_by_expert
+
 __all__ = ["permute", "unpermute", "permute_reference", "unpermute_reference"]
 
 
@@ -37,11 +39,7 @@ def permute(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, num_experts: int) -
     """
     if token_A.shape != expert_A.shape or token_A.dim() != 1:
         raise ValueError(f"token_A and expert_A must be 1-D of equal length, got {tuple(token_A.shape)} and {tuple(expert_A.shape)}")
-    expert_A = expert_A.long()
-    order_A = torch.argsort(expert_A, stable=True)
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
-    if counts_E.numel() != num_experts:
-        raise ValueError(f"expert index out of range: got up to {counts_E.numel() - 1} with num_experts={num_experts}")
+    order_A, counts_E = sort_by_expert(expert_A.long(), num_experts)
     x_AD = x_TD.index_select(0, token_A.long().index_select(0, order_A))
     return x_AD, order_A, counts_E
 
@@ -62,9 +60,8 @@ def unpermute(y_AD: Tensor, order_A: Tensor, token_A: Tensor, gate_A: Tensor, nu
         ``y_AD`` and ``gate_A``.
     """
     tok_A = token_A.long().index_select(0, order_A)
-    g_A = gate_A.index_select(0, order_A).to(y_AD.dtype)
-    out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
-    return out_TD.index_add(0, tok_A, y_AD * g_A.unsqueeze(-1))
+    g_A = gate_A.index_select(0, order_A)
+    return gated_scatter_add(y_AD, g_A, tok_A, num_tokens)
 
 
 def permute_reference(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
