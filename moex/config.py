@@ -39,7 +39,9 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss alpha
     z_loss_coef: float = 1e-3  # router z-loss
-    gemm_backend: str = "auto"  # moex.ops.grouped_gemm backends
+    # auto: the fused expert MLP on CPU (moex.ops.expert_mlp), grouped GEMMs on CUDA;
+    # fused: always the fused op; else a moex.ops.grouped_gemm backend for the unfused path.
+    gemm_backend: Literal["auto", "fused", "loop", "torch", "triton", "grouped_gemm", "megablocks"] = "auto"
     # expert-choice: tokens per expert = capacity_factor * T * k / E (k from top_k)
     # aux-loss-free balancing (sigmoid gates): bias step per update
     bias_update_rate: float = 1e-3

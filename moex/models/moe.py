@@ -11,6 +11,7 @@ assignments in token order and the rest are dropped (counted in the stats).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -19,8 +20,11 @@ from torch import Tensor, nn
 from moex.config import MoEConfig
 from moex.models.mlp import activation
 from moex.models.outputs import FFNOutput
-from moex.ops import gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
+from moex.ops import count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
+
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()  # (gemm_backend, device type) already logged
 
 
 class Experts(nn.Module):
@@ -91,16 +95,36 @@ class MoELayer(nn.Module):
             stats["dropped_frac"] = torch.zeros(())
         token_S = r.token_A.index_select(0, order_S)
         gate_S = r.gate_A.index_select(0, order_S)
+        if self.dispatcher is None and self._fused(x_TD):  # one op, blocks of one expert at a time
+            y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
+                                    self.experts.act_name)
+            stats["active_frac"] = count_active(h_SH.detach(), self.experts.act_name) / (T * E * self.cfg.d_expert)
+            return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
         x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
         if self.dispatcher is None:  # gate folded into the (S, H) hidden layer; unweighted combine
-            y_SD, h_SH = self.experts(x_SD, counts_E, self.cfg.gemm_backend, gate_S)
+            y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend(), gate_S)
             y_TD = scatter_add_rows(y_SD, token_S, T)
         else:
-            y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self.cfg.gemm_backend)
+            y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
             y_TD = gated_scatter_add(y_SD, gate_S, token_S, T)
         with torch.no_grad():  # active hidden units per token / all E*H units (the wide sparse code)
             stats["active_frac"] = (h_SH > 0).sum() / (T * E * self.cfg.d_expert)
         return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
+
+    def _fused(self, x_TD: Tensor) -> bool:
+        """Whether the fused expert MLP runs: ``gemm_backend=fused``, or ``auto`` on CPU."""
+        b = self.cfg.gemm_backend
+        if b == "fused" or (b == "auto" and x_TD.device.type == "cpu"):
+            if (b, x_TD.device.type) not in _logged:
+                _logged.add((b, x_TD.device.type))
+                log.info("MoE experts: gemm_backend=%s -> fused expert MLP (moex.ops.expert_mlp) on %s", b,
+                         x_TD.device.type)
+            return True
+        return False
+
+    def _gemm_backend(self) -> str:
+        """The grouped_mm backend of the unfused path (``fused`` falls back to ``auto`` under EP dispatch)."""
+        return "auto" if self.cfg.gemm_backend == "fused" else self.cfg.gemm_backend
 
     def _apply_capacity(self, order_A: Tensor, counts_E: Tensor, expert_A: Tensor, T: int):
         """Keep each expert's first C assignments (in assignment order) of the already sorted order."""

@@ -1,4 +1,4 @@
-"""Autograd-level MoE ops: token permutation and grouped GEMM with selectable backends."""
+"""Autograd-level MoE ops: token permutation, grouped GEMM with selectable backends, the fused expert MLP."""
 
 from moex.ops.grouped_gemm import (
     BACKENDS,
@@ -8,6 +8,7 @@ from moex.ops.grouped_gemm import (
     grouped_mm_reference,
     resolve_backend,
 )
+from moex.ops.expert_mlp import count_active, expert_mlp, expert_mlp_reference
 from moex.ops.fused import (
     gated_scatter_add,
     gated_scatter_add_reference,
@@ -35,4 +36,7 @@ __all__ = [
     "scatter_add_rows_reference",
     "gated_scatter_add",
     "gated_scatter_add_reference",
+    "expert_mlp",
+    "expert_mlp_reference",
+    "count_active",
 ]
