@@ -7,8 +7,10 @@ Per configuration (E, H, k, T, D) it times one training-style step (forward,
 loss = <y, g> + balance loss, backward) of
 
 - ``dense``: a ReLU MLP with d_ff = k*H (the same active expert FLOPs),
-- ``moex[<backend>]``: ``moex.models.moe.MoELayer`` (top-k router) per grouped-GEMM
-  backend (``torch``, ``loop``; ``triton`` only on CUDA),
+- ``moex[<backend>]``: ``moex.models.moe.MoELayer`` (top-k router) per
+  ``gemm_backend``: ``auto`` (the default: on CPU the fused expert MLP,
+  ``moex.ops.expert_mlp``), and the unfused path on the ``torch`` and ``loop``
+  grouped GEMMs (``triton`` only on CUDA),
 - ``naive``: the layer as first written (argsort permute -> grouped_mm -> gate
   multiply on the (A, D) output -> index_add), kept here as the "before",
 - ``deepspeed``: ``deepspeed.moe.layer.MoE`` at the same (E, k, D, H) with
@@ -18,9 +20,13 @@ loss = <y, g> + balance loss, backward) of
   dense matmul rate measured in the same run.
 
 Repetitions are interleaved (every variant once per round), and medians kept.
-Peak memory: on CPU, the peak of live bytes allocated by torch during one step
-above what was live before it, from ``torch.profiler`` memory events
-(tracemalloc cannot see torch's allocator); on CUDA ``max_memory_allocated``.
+Memory, two numbers per variant: *activations* = bytes autograd saves for the
+backward (unique storages, excluding parameters and the step's inputs x and g;
+via ``torch.autograd.graph.saved_tensors_hooks``), the part that grows with
+tokens; *peak* = the peak memory of one step above what was in use before it (CPU: the
+resident-set high-water mark, reset through ``/proc/self/clear_refs``; CUDA:
+``max_memory_allocated``). The peak includes
+the parameter gradients, E/k times the dense MLP's by construction.
 On CPU the script sets ``THP_MEM_ALLOC_ENABLE=1`` (torch's allocator then backs
 large tensors with transparent huge pages; ``--no-thp`` to compare) before torch
 is imported; it applies to every variant alike.
@@ -40,6 +46,7 @@ if "--no-thp" not in sys.argv:
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if "cuda" not in " ".join(sys.argv) else "cuda")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -163,8 +170,22 @@ def time_once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
 def peak_bytes(fn, device) -> int:
-    """Peak bytes allocated by torch during fn() above the bytes live before it."""
+    """Peak memory of fn() above what was in use before it.
+
+    CUDA: ``max_memory_allocated``. CPU: the process's resident-set high-water mark
+    (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``) above the resident set
+    before the call -- torch's CPU allocator returns large blocks to the OS on free,
+    so this follows live tensor memory (at page granularity).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -172,20 +193,34 @@ def peak_bytes(fn, device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import profile
+    gc.collect()
+    base = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _proc_status_bytes("VmHWM") - base
 
-    with profile(profile_memory=True) as p:
-        fn()
-    evs = [e for e in p.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
-    cur = peak = 0
-    for e in sorted(evs, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+
+def saved_bytes(module, step, x, g) -> int:
+    """Bytes autograd saves for the backward of one step (unique storages; not params, x or g)."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    skip |= {x.untyped_storage().data_ptr(), g.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(x, g)
+    del loss
+    return sum(seen.values())
 
 
 def bench_row(E, H, k, T, D, args, device, dtype):
-    backends = ["torch", "loop"] + (["triton"] if device.type == "cuda" else [])
+    backends = ["auto", "torch", "loop"] + (["triton"] if device.type == "cuda" else [])
     T_, skip_ds = T, None
     C_est = 1.25 * T * k / E
     if args.no_deepspeed:
@@ -217,10 +252,11 @@ def bench_row(E, H, k, T, D, args, device, dtype):
             times[name].append(time_once(fn, device))
     med = {n: statistics.median(v) for n, v in times.items()}
     mem = {n: peak_bytes(fn, device) for n, fn in fns.items() if n != "matmul"}
+    act = {n: saved_bytes(m, s, x, g) for n, (m, s) in variants.items()}
     expert_flops = 3 * 2 * 2 * T_ * k * D * H  # fwd + 2 bwd GEMMs, two layers
     mm_flops_s = 2 * 4096 * 1024 * 1024 / med["matmul"]
     row = {"E": E, "H": H, "k": k, "T": T_, "D": D, "reps": {n: len(v) for n, v in times.items()},
-           "time_s": med, "peak_bytes": mem, "skipped": skipped, "matmul_flops_s": mm_flops_s,
+           "time_s": med, "peak_bytes": mem, "activation_bytes": act, "skipped": skipped, "matmul_flops_s": mm_flops_s,
            "expert_flops": expert_flops,
            "flops_frac_of_matmul": {n: expert_flops / med[n] / mm_flops_s for n in variants}}
     return row
@@ -235,22 +271,26 @@ def fmt_ratio(row, name, ref):
 def markdown(rows, meta) -> str:
     lines = [f"MoE layer fwd+bwd on {meta['device_name']} ({meta['threads']} threads, {meta['dtype']}, "
              f"THP_MEM_ALLOC_ENABLE={meta['thp']}), medians of interleaved reps. Ratios: time / dense MLP "
-             "of equal active FLOPs (d_ff = k*H); 'vs DS' = DeepSpeed time / moex time; FLOP/s = expert "
-             "GEMM FLOPs / step time as a fraction of the plain matmul rate measured in the same run; "
-             "peak = torch bytes allocated during the step / dense's.", ""]
-    hdr = ("| E | H | k | T | D | dense ms | moex[torch] | naive | moex[loop] | deepspeed | moex vs DS | "
-           "moex FLOP/s | dense FLOP/s | peak dense MiB | peak moex | peak DS |")
+             "of equal active FLOPs (d_ff = k*H); moex = the default layer (gemm_backend=auto: the fused "
+             "expert MLP on CPU); 'vs DS' = DeepSpeed time / moex time; FLOP/s = expert GEMM FLOPs / step time "
+             "as a fraction of the plain matmul rate measured in the same run; act = bytes saved for backward "
+             "/ dense's; peak = peak memory during the step (CPU: resident-set high-water mark) / dense's (includes parameter gradients, "
+             "E/k x dense's).", ""]
+    hdr = ("| E | H | k | T | D | dense ms | moex | moex[torch] | naive | moex[loop] | deepspeed | moex vs DS | "
+           "moex FLOP/s | dense FLOP/s | act dense MiB | act moex | act DS | peak dense MiB | peak moex | peak DS |")
     lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    main = "moex[auto]"
     for r in rows:
-        t, p, f = r["time_s"], r["peak_bytes"], r["flops_frac_of_matmul"]
-        vs_ds = f"{t['deepspeed'] / t['moex[torch]']:.2f}x" if "deepspeed" in t else "skipped"
+        t, p, f, a = r["time_s"], r["peak_bytes"], r["flops_frac_of_matmul"], r["activation_bytes"]
+        vs_ds = f"{t['deepspeed'] / t[main]:.2f}x" if "deepspeed" in t else "skipped"
         pds = f"{p['deepspeed'] / p['dense']:.2f}x" if "deepspeed" in p else "—"
+        ads = f"{a['deepspeed'] / a['dense']:.2f}x" if "deepspeed" in a else "—"
         lines.append(
             f"| {r['E']} | {r['H']} | {r['k']} | {r['T']} | {r['D']} | {1e3 * t['dense']:.1f} | "
-            f"{fmt_ratio(r, 'moex[torch]', 'dense')} | {fmt_ratio(r, 'naive', 'dense')} | "
+            f"{fmt_ratio(r, main, 'dense')} | {fmt_ratio(r, 'moex[torch]', 'dense')} | {fmt_ratio(r, 'naive', 'dense')} | "
             f"{fmt_ratio(r, 'moex[loop]', 'dense')} | {fmt_ratio(r, 'deepspeed', 'dense')} | {vs_ds} | "
-            f"{100 * f['moex[torch]']:.0f}% | {100 * f['dense']:.0f}% | {p['dense'] / 2**20:.0f} | "
-            f"{p['moex[torch]'] / p['dense']:.2f}x | {pds} |")
+            f"{100 * f[main]:.0f}% | {100 * f['dense']:.0f}% | {a['dense'] / 2**20:.0f} | {a[main] / a['dense']:.2f}x | "
+            f"{ads} | {p['dense'] / 2**20:.0f} | {p[main] / p['dense']:.2f}x | {pds} |")
     notes = sorted({f"{k}: {v}" for r in rows for k, v in r["skipped"].items()})
     if notes:
         lines += ["", "Skipped: " + "; ".join(notes) + "."]

@@ -8,6 +8,10 @@ P row tiles (one program row per BLOCK_M rows of one expert).
 - ``gmm_wgrad(x_AK, dy_AN, counts_E)``: ``dw[e] = x[rows of e]^T @ dy[rows of e]``; empty
   experts get zeros.
 
+Both take optional gather indices (ScatterMoE's idea): with ``rows=token_A`` the A
+operand's row ``a`` is read as ``x[token_A[a]]`` straight from the (T, K) token
+matrix inside the kernel, so the (A, K) gathered copy is never written to memory.
+
 Both accumulate in fp32. The tile schedule is built with tensor ops on the device
 (no host sync): P is bounded by cdiv(A, BLOCK_M) + E and surplus tiles are fully masked.
 Under ``TRITON_INTERPRET=1`` (CPU tensors) operands are upcast to fp32 before ``tl.dot``
@@ -25,10 +29,10 @@ from torch import Tensor
 
 
 @triton.jit
-def _gmm_rows_kernel(x_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
+def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
                      stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+                     GATHER: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_p)
@@ -39,10 +43,14 @@ def _gmm_rows_kernel(x_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_en
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < end
     n_ok = rn < N
+    if GATHER:  # row a of the operand is x[rows[a]]
+        src = tl.load(rows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = rm.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+        a = tl.load(x_ptr + src[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + e * stride_be + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -58,9 +66,10 @@ def _gmm_rows_kernel(x_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_en
 
 
 @triton.jit
-def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, starts_ptr, ends_ptr, N, K,
+def _gmm_wgrad_kernel(x_ptr, xrows_ptr, dy_ptr, dyrows_ptr, dw_ptr, starts_ptr, ends_ptr, N, K,
                       stride_xm, stride_xk, stride_dm, stride_dn, stride_we, stride_wk, stride_wn,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GATHER_X: tl.constexpr, GATHER_DY: tl.constexpr,
                       UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
     e = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -75,9 +84,17 @@ def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, starts_ptr, ends_ptr, N, K,
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+        if GATHER_X:
+            xm = tl.load(xrows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+        else:
+            xm = rm.to(tl.int64)
+        if GATHER_DY:
+            dm = tl.load(dyrows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+        else:
+            dm = rm.to(tl.int64)
+        xt = tl.load(x_ptr + xm[None, :] * stride_xm + rk[:, None] * stride_xk,
                      mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
+        dy = tl.load(dy_ptr + dm[:, None] * stride_dm + rn[None, :] * stride_dn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
@@ -130,25 +147,33 @@ def _flags(dtype: torch.dtype) -> dict:
                 and torch.backends.cuda.matmul.allow_tf32)
 
 
-def gmm_rows(x_AK: Tensor, b_EKN: Tensor, counts_E: Tensor, *, block_m: int = 64, block_n: int = 64,
-             block_k: int = 32) -> Tensor:
-    """y_AN[a] = x_AK[a] @ b_EKN[e(a)] for expert-sorted rows (b may be any strided view)."""
-    A, K = x_AK.shape
+def gmm_rows(x_AK: Tensor, b_EKN: Tensor, counts_E: Tensor, *, rows: Tensor | None = None, block_m: int = 64,
+             block_n: int = 64, block_k: int = 32) -> Tensor:
+    """y_AN[a] = x_AK[a] @ b_EKN[e(a)] for expert-sorted rows (b may be any strided view).
+
+    With ``rows`` (A int indices) the operand is gathered in the kernel: y[a] = x[rows[a]] @ b[e(a)]
+    and x may have any number of rows.
+    """
+    A, K = (rows.numel(), x_AK.shape[1]) if rows is not None else x_AK.shape
     E, _, N = b_EKN.shape
     y_AN = torch.empty(A, N, device=x_AK.device, dtype=x_AK.dtype)
     if A == 0 or N == 0 or E == 0:
         return y_AN
     tile_e, tile_row, tile_end = tile_schedule(counts_E.to(x_AK.device), A, block_m)
     grid = (tile_e.numel(), triton.cdiv(N, block_n))
-    _gmm_rows_kernel[grid](x_AK, b_EKN, y_AN, tile_e, tile_row, tile_end, N, K,
+    _gmm_rows_kernel[grid](x_AK, x_AK if rows is None else rows, b_EKN, y_AN, tile_e, tile_row, tile_end, N, K,
                            x_AK.stride(0), x_AK.stride(1), *b_EKN.stride(), *y_AN.stride(),
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_flags(x_AK.dtype))
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER=rows is not None,
+                           **_flags(x_AK.dtype))
     return y_AN
 
 
-def gmm_wgrad(x_AK: Tensor, dy_AN: Tensor, counts_E: Tensor, *, block_m: int = 64, block_n: int = 64,
-              block_k: int = 32) -> Tensor:
-    """dw_EKN[e] = x_AK[rows of e]^T @ dy_AN[rows of e]; zeros for empty experts."""
+def gmm_wgrad(x_AK: Tensor, dy_AN: Tensor, counts_E: Tensor, *, x_rows: Tensor | None = None,
+              dy_rows: Tensor | None = None, block_m: int = 64, block_n: int = 64, block_k: int = 32) -> Tensor:
+    """dw_EKN[e] = x_AK[rows of e]^T @ dy_AN[rows of e]; zeros for empty experts.
+
+    ``x_rows`` / ``dy_rows`` gather that operand in the kernel (row a is x[x_rows[a]]).
+    """
     K, N, E = x_AK.shape[1], dy_AN.shape[1], counts_E.numel()
     dw_EKN = torch.empty(E, K, N, device=x_AK.device, dtype=x_AK.dtype)
     if E == 0 or K == 0 or N == 0:
@@ -157,7 +182,9 @@ def gmm_wgrad(x_AK: Tensor, dy_AN: Tensor, counts_E: Tensor, *, block_m: int = 6
     ends_E = torch.cumsum(counts, 0)
     starts_E = (ends_E - counts).to(torch.int32)
     grid = (E, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
-    _gmm_wgrad_kernel[grid](x_AK, dy_AN, dw_EKN, starts_E, ends_E.to(torch.int32), N, K,
+    _gmm_wgrad_kernel[grid](x_AK, x_AK if x_rows is None else x_rows, dy_AN, dy_AN if dy_rows is None else dy_rows,
+                            dw_EKN, starts_E, ends_E.to(torch.int32), N, K,
                             x_AK.stride(0), x_AK.stride(1), dy_AN.stride(0), dy_AN.stride(1), *dw_EKN.stride(),
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_flags(x_AK.dtype))
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER_X=x_rows is not None,
+                            GATHER_DY=dy_rows is not None, **_flags(x_AK.dtype))
     return dw_EKN

@@ -105,6 +105,61 @@ def test_configure_validates_and_restores():
     assert block_sizes() == before
 
 
+@in_process
+@pytest.mark.parametrize("case", CASES)
+def test_gather_fused_kernels_match_gathered_copies(case):
+    """rows= / x_rows= / dy_rows= read operand rows by index == the kernels on index_select'ed copies."""
+    counts, K, N = case
+    g = torch.Generator().manual_seed(K + N)
+    A, T = sum(counts), 6
+    c = torch.tensor(counts)
+    x_TK = torch.randn(T, K, generator=g)
+    rows = torch.randint(0, T, (A,), generator=g)
+    w = torch.randn(len(counts), K, N, generator=g)
+    dy_TN = torch.randn(T, N, generator=g)
+    torch.testing.assert_close(km.gmm_rows(x_TK, w, c, rows=rows, **TINY), grouped_mm_reference(x_TK[rows], w, c))
+    x_AK = torch.randn(A, K, generator=g)
+    ref = km.gmm_wgrad(x_TK[rows], dy_TN[rows], c, **TINY)
+    for e, n in enumerate(counts):  # the un-gathered kernel against a per-expert product first
+        s = sum(counts[:e])
+        torch.testing.assert_close(ref[e], x_TK[rows][s:s + n].T @ dy_TN[rows][s:s + n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(km.gmm_wgrad(x_TK, dy_TN, c, x_rows=rows, dy_rows=rows, **TINY), ref)
+    torch.testing.assert_close(km.gmm_wgrad(x_AK, dy_TN, c, dy_rows=rows, **TINY),
+                               km.gmm_wgrad(x_AK, dy_TN[rows], c, **TINY))
+
+
+@in_process
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[5, 0, 9, 2], [1], [0, 0]])
+def test_triton_expert_mlp_matches_reference(counts, dtype, act):
+    from moex.ops import expert_mlp, expert_mlp_reference
+
+    g = torch.Generator().manual_seed(sum(counts))
+    E, D, H, T, S = len(counts), 12, 20, 7, sum(counts)
+    x = torch.randn(T, D, generator=g).to(dtype).requires_grad_()
+    tok = torch.randint(0, T, (S,), generator=g)
+    gate = torch.rand(S, generator=g).to(dtype).requires_grad_()
+    w1 = torch.randn(E, D, H, generator=g).to(dtype).requires_grad_()
+    w2 = torch.randn(E, H, D, generator=g).to(dtype).requires_grad_()
+    c = torch.tensor(counts)
+    old = configure(**TINY)
+    try:
+        y, h = expert_mlp(x, tok, gate, c, w1, w2, act, impl="triton")
+        gy = torch.randn(T, D, generator=g)
+        grads = torch.autograd.grad(y, (x, gate, w1, w2), gy.to(dtype))
+    finally:
+        configure(**old)
+    up = [t.detach().float().requires_grad_() for t in (x, gate, w1, w2)]
+    yr, hr = expert_mlp_reference(up[0], tok, up[1], c, up[2], up[3], act)
+    refs = torch.autograd.grad(yr, up, gy)
+    for a, b in zip((y, h, *grads), (yr, hr, *refs)):
+        assert a.dtype == dtype
+        scale = float(b.abs().max()) if b.numel() else 1.0  # bf16: errors relative to the tensor's magnitude
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=2e-2 * scale)
+        torch.testing.assert_close(a.float(), b, **tol)
+
+
 def _env_without_interpret():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
@@ -126,10 +181,17 @@ def test_triton_on_cpu_without_interpreter_raises():
         "    grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4), torch.tensor([2]), backend='triton')\n"
         "except BackendUnavailable as e:\n"
         "    print('RAISED', e)\n"
+        "from moex.ops import expert_mlp\n"
+        "try:\n"
+        "    expert_mlp(torch.randn(2, 4), torch.tensor([0, 1]), torch.ones(2), torch.tensor([2]),\n"
+        "               torch.randn(1, 4, 3), torch.randn(1, 3, 4), impl='triton')\n"
+        "except BackendUnavailable as e:\n"
+        "    print('MLP RAISED', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env_without_interpret(),
                          timeout=120)
     assert "RAISED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    assert "MLP RAISED expert_mlp impl 'triton' unavailable" in out.stdout, out.stdout + out.stderr
 
 
 @in_process

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from moex.config import MoEConfig
 from moex.models.mlp import activation
 from moex.models.outputs import FFNOutput
-from moex.ops import count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
+from moex.ops import BACKENDS, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,10 @@ class MoELayer(nn.Module):
             stats["dropped_frac"] = torch.zeros(())
         token_S = r.token_A.index_select(0, order_S)
         gate_S = r.gate_A.index_select(0, order_S)
-        if self.dispatcher is None and self._fused(x_TD):  # one op, blocks of one expert at a time
+        impl = self._fused_impl(x_TD) if self.dispatcher is None else None
+        if impl is not None:  # gather, both GEMMs, gate and combine in one op
             y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
-                                    self.experts.act_name)
+                                    self.experts.act_name, impl=impl)
             stats["active_frac"] = count_active(h_SH.detach(), self.experts.act_name) / (T * E * self.cfg.d_expert)
             return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
         x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
@@ -111,16 +112,22 @@ class MoELayer(nn.Module):
             stats["active_frac"] = (h_SH > 0).sum() / (T * E * self.cfg.d_expert)
         return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
 
-    def _fused(self, x_TD: Tensor) -> bool:
-        """Whether the fused expert MLP runs: ``gemm_backend=fused``, or ``auto`` on CPU."""
-        b = self.cfg.gemm_backend
-        if b == "fused" or (b == "auto" and x_TD.device.type == "cpu"):
-            if (b, x_TD.device.type) not in _logged:
-                _logged.add((b, x_TD.device.type))
-                log.info("MoE experts: gemm_backend=%s -> fused expert MLP (moex.ops.expert_mlp) on %s", b,
-                         x_TD.device.type)
-            return True
-        return False
+    def _fused_impl(self, x_TD: Tensor) -> str | None:
+        """The fused expert MLP implementation to run, or None for the unfused grouped-GEMM path.
+
+        ``auto`` fuses on CPU (``blocked``); ``fused`` fuses everywhere, on CUDA with the Triton
+        kernels (gathers inside the GEMMs) when triton is usable, else ``blocked``.
+        """
+        b, dev = self.cfg.gemm_backend, x_TD.device
+        if not (b == "fused" or (b == "auto" and dev.type == "cpu")):
+            return None
+        why = BACKENDS["triton"][1](dev, x_TD.dtype) if dev.type == "cuda" else "not on CUDA"
+        impl = "triton" if why is None else "blocked"
+        if (b, dev.type) not in _logged:
+            _logged.add((b, dev.type))
+            log.info("MoE experts: gemm_backend=%s -> fused expert MLP, impl=%s on %s (triton: %s)", b, impl,
+                     dev.type, why or "usable")
+        return impl
 
     def _gemm_backend(self) -> str:
         """The grouped_mm backend of the unfused path (``fused`` falls back to ``auto`` under EP dispatch)."""

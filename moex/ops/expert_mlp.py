@@ -40,7 +40,7 @@ from torch import Tensor
 __all__ = ["expert_mlp", "expert_mlp_reference", "count_active", "DEFAULT_BLOCK_ROWS"]
 
 DEFAULT_BLOCK_ROWS = 1024  # rows per block: (n, D) + 2 x (n, H) fp32 buffers stay in L2/L3
-_ACTS = {"relu": F.relu, "gelu": F.gelu}
+ACTS = {"relu": F.relu, "gelu": F.gelu}
 
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -70,10 +70,10 @@ def _blocks(counts: list[int], block_rows: int):
 def _act_block(act: str, pre_nH: Tensor, out_nH: Tensor) -> Tensor:
     if act == "relu":  # in place (out_nH is pre_nH); threshold maps -0.0 to +0.0 too, see count_active
         return F.threshold_(pre_nH, 0.0, 0.0)
-    return out_nH.copy_(_ACTS[act](pre_nH))
+    return out_nH.copy_(ACTS[act](pre_nH))
 
 
-def _act_backward(act: str, g_nH: Tensor, saved_nH: Tensor) -> Tensor:
+def act_backward(act: str, g_nH: Tensor, saved_nH: Tensor) -> Tensor:
     """Gradient through the activation; ``saved_nH`` is ReLU's output or GELU's input."""
     if act == "relu":  # in place into g_nH: zero where the unit was off
         return torch.ops.aten.threshold_backward.grad_input(g_nH, saved_nH, 0, grad_input=g_nH)
@@ -132,7 +132,7 @@ class _ExpertMLP(torch.autograd.Function):
         for e, a, b, first in _blocks(counts, ctx.block_rows):
             n, tok = b - a, token_S[a:b]
             saved_nH = saved_SH[a:b]
-            h_nH = saved_nH if act == "relu" else _ACTS[act](saved_nH)
+            h_nH = saved_nH if act == "relu" else ACTS[act](saved_nH)
             gy = torch.index_select(g_TD, 0, tok, out=gy_nD[:n])
             ghw = torch.mm(gy, w2_EHD[e].t(), out=ghw_nH[:n])  # d(loss)/d(h * gate)
             if need_gate:
@@ -140,7 +140,7 @@ class _ExpertMLP(torch.autograd.Function):
             if need_w2:
                 hw = torch.mul(h_nH, g_S1[a:b], out=hw_nH[:n])
                 _mm_into(gw2[e], hw.t(), gy, first)
-            gpre = _act_backward(act, ghw.mul_(g_S1[a:b]), saved_nH)
+            gpre = act_backward(act, ghw.mul_(g_S1[a:b]), saved_nH)
             if need_w1:
                 xb = torch.index_select(x_TD, 0, tok, out=x_nD[:n])  # gathered again, not saved
                 _mm_into(gw1[e], xb.t(), gpre, first)
@@ -160,7 +160,8 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
 
 
 def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor, w2_EHD: Tensor,
-               act: str = "relu", *, block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[Tensor, Tensor]:
+               act: str = "relu", *, impl: str = "blocked", block_rows: int = DEFAULT_BLOCK_ROWS
+               ) -> tuple[Tensor, Tensor]:
     """Gated expert MLPs over expert-sorted assignments, combined back onto tokens.
 
     Args:
@@ -170,14 +171,17 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
         counts_E: rows per expert (sums to S); read once on the host.
         w1_EDH, w2_EHD: the experts' up and down projections.
         act: ``relu`` or ``gelu``.
-        block_rows: rows per block (an expert's rows are processed in blocks).
+        impl: ``blocked`` (per-expert blocks of torch ops; any device) or ``triton``
+            (``moex.ops.triton_gmm.triton_expert_mlp``: gathers fused into the Triton
+            GEMMs; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        block_rows: rows per block of the ``blocked`` implementation.
 
     Returns:
         ``(y_TD, h_SH)``: the combined output (differentiable in x, gates and both
         weights) and the post-activation hidden code of every row (no grad).
     """
-    if act not in _ACTS:
-        raise ValueError(f"unknown activation {act!r}; valid: {sorted(_ACTS)}")
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}; valid: {sorted(ACTS)}")
     if x_TD.dim() != 2 or w1_EDH.dim() != 3 or w2_EHD.dim() != 3:
         raise ValueError(f"expected x (T, D), w1 (E, D, H), w2 (E, H, D); got {tuple(x_TD.shape)}, "
                          f"{tuple(w1_EDH.shape)}, {tuple(w2_EHD.shape)}")
@@ -192,6 +196,16 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
                          f"token_S/gate_S of {token_S.numel()} rows (gate_S {tuple(gate_S.shape)})")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if impl == "triton":
+        from moex.ops.grouped_gemm import BACKENDS, BackendUnavailable
+        from moex.ops.triton_gmm import triton_expert_mlp
+
+        why = BACKENDS["triton"][1](x_TD.device, x_TD.dtype)
+        if why is not None:
+            raise BackendUnavailable(f"expert_mlp impl 'triton' unavailable: {why}")
+        return triton_expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act)
+    if impl != "blocked":
+        raise ValueError(f"unknown expert_mlp impl {impl!r}; valid: ['blocked', 'triton']")
     return _ExpertMLP.apply(x_TD.contiguous(), token_S, gate_S, w1_EDH.contiguous(), w2_EHD.contiguous(),
                             counts, act, block_rows)
 
@@ -202,7 +216,7 @@ def expert_mlp_reference(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E
     from moex.ops.grouped_gemm import grouped_mm_reference
 
     x_SD = x_TD.index_select(0, token_S)
-    h_SH = _ACTS[act](grouped_mm_reference(x_SD, w1_EDH, counts_E))
+    h_SH = ACTS[act](grouped_mm_reference(x_SD, w1_EDH, counts_E))
     y_SD = grouped_mm_reference(h_SH * gate_S.to(h_SH.dtype).unsqueeze(-1), w2_EHD, counts_E)
     y_TD = y_SD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD)
     return y_TD, h_SH.detach()

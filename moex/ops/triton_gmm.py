@@ -1,4 +1,5 @@
-"""Autograd wrapper around the Triton grouped GEMM kernels (``moex.kernels.grouped_gemm``).
+"""Autograd wrappers around the Triton grouped GEMM kernels (``moex.kernels.grouped_gemm``):
+the grouped GEMM op, and the whole expert MLP with the token gathers fused into its GEMMs.
 
 Shape key: A rows (sorted by expert), E experts, K in-features, N out-features.
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["triton_grouped_mm", "configure", "block_sizes", "kernel_module"]
+__all__ = ["triton_grouped_mm", "triton_expert_mlp", "configure", "block_sizes", "kernel_module"]
 
 _BLOCKS = {"block_m": 64, "block_n": 64, "block_k": 32}
 
@@ -70,3 +72,65 @@ def triton_grouped_mm(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor, **blocks) -
         raise RuntimeError("triton grouped GEMM needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
                            "was first imported (kernels were compiled in non-interpreter mode)")
     return _TritonGroupedMM.apply(x_AK, w_EKN, counts_E, {**_BLOCKS, **blocks})
+
+
+class _TritonExpertMLP(torch.autograd.Function):
+    """The expert MLP on the Triton kernels, with the token gathers fused into the GEMMs.
+
+    Forward reads x rows by token index inside the W1 kernel and the backward reads the
+    upstream gradient rows the same way (for dh and dW2) and x rows again for dW1, so no
+    (S, D) gathered copy is ever written; only the two scatter-adds remain as passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, token_S, gate_S, w1_EDH, w2_EHD, counts_E, act, blocks):
+        from moex.ops.expert_mlp import ACTS
+
+        km = kernel_module()
+        T, D = x_TD.shape
+        pre_SH = km.gmm_rows(x_TD, w1_EDH, counts_E, rows=token_S, **blocks)
+        h_SH = F.threshold(pre_SH, 0.0, 0.0) if act == "relu" else ACTS[act](pre_SH)
+        hw_SH = h_SH * gate_S.to(x_TD.dtype).unsqueeze(-1)
+        y_SD = km.gmm_rows(hw_SH, w2_EHD, counts_E, **blocks)
+        y_TD = x_TD.new_zeros(T, D).index_add_(0, token_S, y_SD)
+        ctx.save_for_backward(x_TD, token_S, gate_S, w1_EDH, w2_EHD, counts_E, h_SH if act == "relu" else pre_SH)
+        ctx.act, ctx.blocks = act, blocks
+        ctx.mark_non_differentiable(h_SH)
+        ctx.set_materialize_grads(False)
+        return y_TD, h_SH
+
+    @staticmethod
+    def backward(ctx, g_TD, _g_h):
+        from moex.ops.expert_mlp import ACTS, act_backward
+
+        if g_TD is None:
+            return (None,) * 8
+        x_TD, token_S, gate_S, w1_EDH, w2_EHD, counts_E, saved_SH = ctx.saved_tensors
+        km, blocks, act = kernel_module(), ctx.blocks, ctx.act
+        g_TD = g_TD.contiguous()
+        g_S1 = gate_S.to(x_TD.dtype).unsqueeze(-1)
+        h_SH = saved_SH if act == "relu" else ACTS[act](saved_SH)
+        ghw_SH = km.gmm_rows(g_TD, w2_EHD.transpose(1, 2), counts_E, rows=token_S, **blocks)
+        d_gate = (ghw_SH * h_SH).sum(-1).to(gate_S.dtype) if ctx.needs_input_grad[2] else None
+        d_w2 = km.gmm_wgrad(h_SH * g_S1, g_TD, counts_E, dy_rows=token_S, **blocks) if ctx.needs_input_grad[4] else None
+        gpre_SH = act_backward(act, ghw_SH.mul_(g_S1), saved_SH)
+        d_w1 = km.gmm_wgrad(x_TD, gpre_SH, counts_E, x_rows=token_S, **blocks) if ctx.needs_input_grad[3] else None
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            gx_SD = km.gmm_rows(gpre_SH, w1_EDH.transpose(1, 2), counts_E, **blocks)
+            d_x = torch.zeros_like(x_TD).index_add_(0, token_S, gx_SD)
+        return d_x, None, d_gate, d_w1, d_w2, None, None, None
+
+
+def triton_expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor,
+                      w2_EHD: Tensor, act: str = "relu", **blocks) -> tuple[Tensor, Tensor]:
+    """:func:`moex.ops.expert_mlp` on the Triton kernels (gathers fused into the GEMMs).
+
+    Needs CUDA tensors, or CPU tensors with triton imported under ``TRITON_INTERPRET=1``.
+    """
+    km = kernel_module()
+    if x_TD.device.type != "cuda" and not km.interpreted():
+        raise RuntimeError("triton expert MLP needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
+                           "was first imported")
+    return _TritonExpertMLP.apply(x_TD.contiguous(), token_S, gate_S, w1_EDH, w2_EHD,
+                                  counts_E.to(x_TD.device), act, {**_BLOCKS, **blocks})
