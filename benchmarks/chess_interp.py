@@ -73,7 +73,7 @@ MAIN_SOURCE = {"dense": "mlp.post", "moe": "moe.code"}
 
 def table(names: list[str]) -> str:
     """One row per model (and the SAE): val loss and the best layer's coverage / reconstruction."""
-    rows, data = [], {}
+    rows = []
     for name in names:
         rep = json.loads((OUT / name / "interp-chess" / "report.json").read_text())
         ev = json.loads((OUT / name / "metrics.jsonl").read_text().splitlines()[-1])["val"]

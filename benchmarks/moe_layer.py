@@ -58,7 +58,7 @@ from torch import Tensor, nn  # noqa: E402
 from moex.config import MoEConfig  # noqa: E402
 from moex.models.mlp import DenseMLP  # noqa: E402
 from moex.models.moe import MoELayer  # noqa: E402
-from moex.ops import grouped_mm, permute  # noqa: E402
+from moex.ops import grouped_mm  # noqa: E402
 
 # (E, H, k, T, D); the first three are the issue's reference rows.
 ROWS = [
@@ -181,10 +181,11 @@ def _proc_status_bytes(key: str) -> int:
 def peak_bytes(fn, device) -> int:
     """Peak memory of fn() above what was in use before it.
 
-    CUDA: ``max_memory_allocated``. CPU: the process's resident-set high-water mark
-    (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``) above the resident set
-    before the call -- torch's CPU allocator returns large blocks to the OS on free,
-    so this follows live tensor memory (at page granularity).
+    CUDA: ``max_memory_allocated``. CPU (Linux, glibc): the process's resident-set
+    high-water mark (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``) above
+    the resident set before the call, with blocks >= 64 KiB mmapped while it runs so
+    that freeing a tensor returns its pages: it follows live tensor memory at page
+    granularity.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -193,12 +194,31 @@ def peak_bytes(fn, device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # glibc keeps freed heap memory resident and serves tensors below its (adaptive) mmap
+    # threshold from it, which the resident set cannot see: hand free memory back to the OS,
+    # and mmap every block >= 64 KiB for the duration (munmapped on free), then restore the
+    # threshold glibc's adaptation reaches in a warm process (32 MiB).
+    libc = _libc()
     gc.collect()
-    base = _proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    fn()
-    return _proc_status_bytes("VmHWM") - base
+    libc.malloc_trim(0)
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
+    try:
+        base = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        return _proc_status_bytes("VmHWM") - base
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
 def saved_bytes(module, step, x, g) -> int:

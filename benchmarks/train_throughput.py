@@ -112,7 +112,7 @@ def main():
     lines = [f"Training step (fwd + bwd + AdamW), GPT {args.layers} layers, d_model {args.d_model}, context {args.ctx}, "
              f"batch {args.batch}, on {meta['device_name']} ({meta['threads']} threads, fp32, "
              f"THP_MEM_ALLOC_ENABLE={meta['thp']}); every FFN is dense (d_ff = k*H) or MoE; medians of "
-             "interleaved reps. Peak = torch bytes allocated during a step.", "",
+             "interleaved reps. Peak = peak memory of a step above what was in use before it (CPU: resident-set high-water mark; includes gradients and AdamW state of the MoE's E/k x more expert parameters).", "",
              "| experts | model | params total / active | tokens/s | step time vs dense | peak MiB | peak vs dense |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,6 +1,5 @@
 """Launch detection: each launcher's environment -> LaunchInfo; hostlists."""
 import os
-import shutil
 import socket
 import subprocess
 
@@ -8,6 +7,7 @@ import pytest
 
 from moex.parallel.launch import (LaunchInfo, detect_launch, expand_hostlist, export_env,
                                   strip_local_rank)
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 
 def test_single_process_defaults():
@@ -134,12 +134,11 @@ def test_expand_hostlist_rejects_malformed(bad):
         expand_hostlist(bad)
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed")
 @pytest.mark.parametrize("hostlist", sorted(HOSTLISTS))
-def test_expand_hostlist_matches_scontrol(hostlist):
-    # scontrol expands hostlists locally (no controller needed)
+def test_expand_hostlist_matches_scontrol(hostlist, slurm_cluster):  # noqa: F811
+    # scontrol expands hostlists locally; the fixture installs Slurm where it can (else skips)
     out = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True,
-                         text=True, timeout=30)
+                         text=True, timeout=30, env=slurm_cluster.env)
     if "Invalid hostlist" in out.stdout + out.stderr:
         # e.g. Slurm 22.05 rejects a suffix after the brackets (a-[1-2]-b), which
         # newer Slurm accepts; our expander takes the superset

@@ -115,7 +115,7 @@ def test_preempt_requeue_resume_matches_uninterrupted(slurm_cluster, reference, 
     assert m, text
     stop = int(m.group(1))
     assert 20 <= stop < STEPS, text
-    assert "requeueing job" in text and f"restart=1" in text, text
+    assert "requeueing job" in text and "restart=1" in text, text
     assert f"resumed from {job.run_dir / 'checkpoints'}" in text and f"(step {stop})" in text, text
     recs = assert_finished(info, job)
     assert info["Restarts"] == "1", info

@@ -16,14 +16,13 @@ Q properties.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moex.interp import board, bsp
-from moex.interp.features import iter_positions, source_names
+from moex.interp.features import iter_positions
 
 MAX_CHARS = 256
 HEADLINE = "piece_masked"  # the 768 "masked blank and initial state" properties
