@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at toy sizes (so they cannot rot) and write what they say."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads((tmp_path / "r.json").read_text()), (tmp_path / "r.md").read_text()
+
+
+def test_moe_layer_benchmark_toy_row(tmp_path):
+    res, md = run("moe_layer.py", "--rows", "4,16,2,64,32", "--reps", "1", "--threads", "1", tmp_path=tmp_path)
+    row = res["rows"][0]
+    for name in ("dense", "moex[auto]", "moex[torch]", "moex[loop]", "naive", "deepspeed"):
+        assert row["time_s"][name] > 0 and row["peak_bytes"][name] >= 0, name
+        assert name == "deepspeed" or row["activation_bytes"][name] > 0, name
+    # the dense MLP saves its (T, k*H) hidden layer: at least that many bytes
+    assert row["activation_bytes"]["dense"] >= 64 * 2 * 16 * 4
+    assert "| 4 | 16 | 2 | 64 | 32 |" in md
+
+
+def test_moe_profile_toy_row(tmp_path):
+    res, md = run("moe_profile.py", "--rows", "4,16,2,64,32", "--steps", "1", tmp_path=tmp_path)
+    cats = res["rows"][0]["by_category_s"]
+    assert cats["moex"]["router GEMMs"] > 0 and cats["dense"].get("router GEMMs", 0.0) == 0.0
+    assert cats["moex"]["gather / scatter"] > 0 and cats["dense"]["expert GEMMs"] > 0
+    assert "| expert GEMMs |" in md
