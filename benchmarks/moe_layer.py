@@ -10,7 +10,8 @@ loss = <y, g> + balance loss, backward) of
 - ``moex[<backend>]``: ``moex.models.moe.MoELayer`` (top-k router) per
   ``gemm_backend``: ``auto`` (the default: on CPU the fused expert MLP,
   ``moex.ops.expert_mlp``), and the unfused path on the ``torch`` and ``loop``
-  grouped GEMMs (``triton`` only on CUDA),
+  grouped GEMMs; on CUDA also ``triton`` (unfused) and ``fused`` (the expert MLP on
+  the gather-fused Triton kernels), reported in a second table,
 - ``naive``: the layer as first written (argsort permute -> grouped_mm -> gate
   multiply on the (A, D) output -> index_add), kept here as the "before",
 - ``deepspeed``: ``deepspeed.moe.layer.MoE`` at the same (E, k, D, H) with
@@ -240,7 +241,7 @@ def saved_bytes(module, step, x, g) -> int:
 
 
 def bench_row(E, H, k, T, D, args, device, dtype):
-    backends = ["auto", "torch", "loop"] + (["triton"] if device.type == "cuda" else [])
+    backends = ["auto", "torch", "loop"] + (["triton", "fused"] if device.type == "cuda" else [])
     T_, skip_ds = T, None
     C_est = 1.25 * T * k / E
     if args.no_deepspeed:
@@ -311,6 +312,13 @@ def markdown(rows, meta) -> str:
             f"{fmt_ratio(r, 'moex[loop]', 'dense')} | {fmt_ratio(r, 'deepspeed', 'dense')} | {vs_ds} | "
             f"{100 * f[main]:.0f}% | {100 * f['dense']:.0f}% | {a['dense'] / 2**20:.0f} | {a[main] / a['dense']:.2f}x | "
             f"{ads} | {p['dense'] / 2**20:.0f} | {p[main] / p['dense']:.2f}x | {pds} |")
+    shown = {"dense", main, "moex[torch]", "naive", "moex[loop]", "deepspeed", "matmul"}
+    extra = sorted({n for r in rows for n in r["time_s"]} - shown)  # e.g. moex[triton], moex[fused] on CUDA
+    if extra:
+        lines += ["", "| E | H | k | T | D | " + " | ".join(f"{n} / dense" for n in extra) + " |",
+                  "|" + "---|" * (5 + len(extra))]
+        lines += [f"| {r['E']} | {r['H']} | {r['k']} | {r['T']} | {r['D']} | "
+                  + " | ".join(fmt_ratio(r, n, "dense") for n in extra) + " |" for r in rows]
     notes = sorted({f"{k}: {v}" for r in rows for k, v in r["skipped"].items()})
     if notes:
         lines += ["", "Skipped: " + "; ".join(notes) + "."]

@@ -64,9 +64,17 @@ def test_count_active_is_exact_for_relu_codes():
         x[tok[0]] = 0.0  # row of zeros
         w1[0] = -w1[0].abs()  # 0 * negative = -0.0 pre-activations
     _, h = expert_mlp(x, tok, gate, counts, w1, w2, "relu")
-    assert int(count_active(h, "relu")) == int((h > 0).sum())
+    assert int(count_active(h, relu_code=True)) == int((h > 0).sum())
     _, hg = expert_mlp(x, tok, gate, counts, w1, w2, "gelu")
-    assert int(count_active(hg, "gelu")) == int((hg > 0).sum())
+    assert int(count_active(hg)) == int((hg > 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_count_active_equals_greater_than_zero(dtype):
+    h = torch.tensor([-0.0, 0.0, 1e-30, -1e-30, 3.0, -2.0, float("inf"), -float("inf")]).to(dtype)
+    h = torch.cat([h, torch.randn(1000).to(dtype)])
+    assert int(count_active(h)) == int((h > 0).sum())
+    assert int(count_active(h[::2])) == int((h[::2] > 0).sum())  # non-contiguous: plain path
 
 
 def test_bad_inputs_say_what_is_wrong():

@@ -99,7 +99,8 @@ class MoELayer(nn.Module):
         if impl is not None:  # gather, both GEMMs, gate and combine in one op
             y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
                                     self.experts.act_name, impl=impl)
-            stats["active_frac"] = count_active(h_SH.detach(), self.experts.act_name) / (T * E * self.cfg.d_expert)
+            relu = self.experts.act_name == "relu"
+            stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu) / (T * E * self.cfg.d_expert)
             return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
         x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
         if self.dispatcher is None:  # gate folded into the (S, H) hidden layer; unweighted combine
@@ -108,8 +109,8 @@ class MoELayer(nn.Module):
         else:
             y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
             y_TD = gated_scatter_add(y_SD, gate_S, token_S, T)
-        with torch.no_grad():  # active hidden units per token / all E*H units (the wide sparse code)
-            stats["active_frac"] = (h_SH > 0).sum() / (T * E * self.cfg.d_expert)
+        # active hidden units per token / all E*H units (the wide sparse code)
+        stats["active_frac"] = count_active(h_SH.detach()) / (T * E * self.cfg.d_expert)
         return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
 
     def _fused_impl(self, x_TD: Tensor) -> str | None:

@@ -46,16 +46,20 @@ ACTS = {"relu": F.relu, "gelu": F.gelu}
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def count_active(h: Tensor, act: str) -> Tensor:
-    """Number of units > 0 in a hidden code from :func:`expert_mlp`.
+def count_active(h: Tensor, *, relu_code: bool = False) -> Tensor:
+    """Number of entries > 0 in a hidden code (exact for any non-NaN floats).
 
-    For ReLU codes the op writes exact +0.0 for every inactive unit, so counting
-    non-zero bit patterns is exact -- and ~15x faster on CPU than ``(h > 0).sum()``,
-    whose bool reduction is not vectorised (17 ms vs 1 ms for 4M floats here).
+    Counts on the integer view of the bits: a float is > 0 exactly when its bit
+    pattern, read as a signed int, is > 0 (-0.0 and negatives have the sign bit).
+    ``clamp_min(0)`` + ``count_nonzero`` are vectorised on CPU where ``(h > 0).sum()``'s
+    bool reduction is not (4.6 ms vs 16 ms for 4M floats here). With
+    ``relu_code=True`` (a ReLU code from :func:`expert_mlp`, which writes +0.0 for
+    every inactive unit) the clamp is skipped too (1 ms).
     """
-    if act == "relu" and h.element_size() in _INT_VIEW and h.is_contiguous():
-        return torch.count_nonzero(h.view(_INT_VIEW[h.element_size()]))
-    return (h > 0).sum()
+    if h.element_size() not in _INT_VIEW or not h.is_contiguous() or not h.is_floating_point():
+        return (h > 0).sum()
+    bits = h.view(_INT_VIEW[h.element_size()])
+    return torch.count_nonzero(bits if relu_code else bits.clamp_min(0))
 
 
 def _blocks(counts: list[int], block_rows: int):
