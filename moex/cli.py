@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from moex import config as C
@@ -95,6 +96,11 @@ PLUGINS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch is imported: torch's CPU allocator then backs blocks >= 2 MiB with
+    # transparent huge pages, which cuts the page-fault cost of every fresh activation
+    # 3-5x on CPU (benchmarks/results/machine.md). THP_MEM_ALLOC_ENABLE=0 opts out.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from moex.parallel.launch import strip_local_rank
 
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))

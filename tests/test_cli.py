@@ -41,3 +41,17 @@ def test_train_then_eval(tmp_path):
     # a second `train` on a finished run resumes and has nothing left to do
     p2 = moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *over, cwd=tmp_path)
     assert "resumed from" in p2.stdout
+
+
+def test_cli_turns_on_huge_pages_before_torch_loads_unless_told_not_to():
+    code = ("import os, sys; from moex import cli; cli.main(['info', sys.argv[1]]); "
+            "import torch; print('THP=' + os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))")
+    for preset, want in ((None, "THP=1"), ("0", "THP=0")):
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        env["PYTHONPATH"] = str(ROOT)
+        if preset is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = preset
+        p = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes/chess-tiny.yaml")], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip().endswith(want), p.stdout
