@@ -77,12 +77,14 @@ class _PassThrough:
         return experts(x_AD, counts_E, backend)
 
 
+@pytest.mark.parametrize("d_expert", [6, 12])  # <= d_model: gate folded into the hidden layer; > d_model: not
 @pytest.mark.parametrize("router,act,cf", [("topk", "relu", None), ("topk", "gelu", None), ("moex", "relu", None),
                                            ("topk", "relu", 0.6), ("expert_choice", "relu", 1.0)])
-def test_gate_folded_path_equals_gated_combine(router, act, cf):
-    """Gate folded into the hidden layer (no dispatcher) == gate applied at the combine (dispatcher)."""
+def test_gate_folded_path_equals_gated_combine(router, act, cf, d_expert):
+    """Unfused path without a dispatcher (gate folded when H <= D) == gate applied at the combine (dispatcher)."""
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=12, router=router, activation=act, capacity_factor=cf)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=d_expert, router=router, activation=act, capacity_factor=cf,
+                    gemm_backend="torch")
     m = MoELayer(8, cfg, std=0.3)
     x = torch.randn(3, 7, 8, requires_grad=True)
     g = torch.randn(3, 7, 8)

@@ -103,11 +103,15 @@ class MoELayer(nn.Module):
             stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu) / (T * E * self.cfg.d_expert)
             return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
         x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
-        if self.dispatcher is None:  # gate folded into the (S, H) hidden layer; unweighted combine
+        if self.dispatcher is None and self.cfg.d_expert <= x_TD.shape[-1]:
+            # gate folded into the (S, H) hidden layer, the narrower side; unweighted combine
             y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend(), gate_S)
             y_TD = scatter_add_rows(y_SD, token_S, T)
-        else:
-            y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
+        else:  # gate on the (S, D) rows at the combine: wide experts (H > D), or EP dispatch
+            if self.dispatcher is None:
+                y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend())
+            else:
+                y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
             y_TD = gated_scatter_add(y_SD, gate_S, token_S, T)
         # active hidden units per token / all E*H units (the wide sparse code)
         stats["active_frac"] = count_active(h_SH.detach()) / (T * E * self.cfg.d_expert)
