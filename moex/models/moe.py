@@ -1,10 +1,14 @@
-"""The sparse MoE layer: router -> permute -> grouped expert GEMMs -> weighted combine.
+"""The sparse MoE layer: router -> sort by expert -> expert MLPs -> weighted combine.
 
 Shape key: T tokens, D model dim, E experts (El local to this rank), H hidden
 units per expert, K experts per token, A assignments (token, expert) pairs.
 
-Dropless by default: every assignment is computed, grouped by expert, with no
-padding and no T x E x C dispatch tensor (memory O(A*D + E*D*H)). With
+The experts run either as one fused op (``moex.ops.expert_mlp``: the CPU default,
+``gemm_backend=fused`` anywhere) or unfused: gather, grouped GEMMs on a named
+backend, combine (the CUDA default and the expert-parallel path); see
+docs/architecture.md. Dropless by default: every assignment is computed, grouped
+by expert, with no padding and no T x E x C dispatch tensor (memory O(A*D + E*D*H);
+O(A*H + T*D + E*D*H) on the fused path, which does not keep gathered rows). With
 `capacity_factor` set, each expert keeps its first C = ceil(cf * T * K / E)
 assignments in token order and the rest are dropped (counted in the stats).
 """
@@ -99,23 +103,26 @@ class MoELayer(nn.Module):
         if impl is not None:  # gather, both GEMMs, gate and combine in one op
             y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
                                     self.experts.act_name, impl=impl)
-            relu = self.experts.act_name == "relu"
-            stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu) / (T * E * self.cfg.d_expert)
-            return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
+        else:
+            y_TD, h_SH = self._unfused(x_TD, token_S, gate_S, counts_E)
+        # active hidden units per token / all E*H units (the wide sparse code)
+        relu_code = impl is not None and self.experts.act_name == "relu"  # the op writes exact +0.0 when off
+        stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu_code) / (T * E * self.cfg.d_expert)
+        return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
+
+    def _unfused(self, x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
+        """Gather, grouped GEMMs (or the EP dispatcher), combine; the gate on the narrower side."""
+        T = x_TD.shape[0]
         x_SD = x_TD.index_select(0, token_S)  # autograd keeps only token_S
         if self.dispatcher is None and self.cfg.d_expert <= x_TD.shape[-1]:
-            # gate folded into the (S, H) hidden layer, the narrower side; unweighted combine
+            # gate folded into the (S, H) hidden layer; unweighted combine
             y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend(), gate_S)
-            y_TD = scatter_add_rows(y_SD, token_S, T)
-        else:  # gate on the (S, D) rows at the combine: wide experts (H > D), or EP dispatch
-            if self.dispatcher is None:
-                y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend())
-            else:
-                y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
-            y_TD = gated_scatter_add(y_SD, gate_S, token_S, T)
-        # active hidden units per token / all E*H units (the wide sparse code)
-        stats["active_frac"] = count_active(h_SH.detach()) / (T * E * self.cfg.d_expert)
-        return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
+            return scatter_add_rows(y_SD, token_S, T), h_SH
+        if self.dispatcher is None:  # wide experts (H > D): gate the (S, D) rows at the combine
+            y_SD, h_SH = self.experts(x_SD, counts_E, self._gemm_backend())
+        else:  # EP: the dispatcher sees rows and counts only
+            y_SD, h_SH = self.dispatcher(self.experts, x_SD, counts_E, self._gemm_backend())
+        return gated_scatter_add(y_SD, gate_S, token_S, T), h_SH
 
     def _fused_impl(self, x_TD: Tensor) -> str | None:
         """The fused expert MLP implementation to run, or None for the unfused grouped-GEMM path.
