@@ -362,14 +362,18 @@ def main():
         meta["deepspeed"] = deepspeed.__version__
     except ImportError:
         pass
-    md = markdown(rows, meta)
+    write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta))
+
+
+def write_results(stem: str, payload: dict, md: str) -> None:
+    """Print the Markdown table and write STEM.json and STEM.md."""
     print("\n" + md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(stem + ".md", "w") as f:
         f.write(md)
-    print(f"wrote {args.out}.json and .md")
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ if "--no-thp" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import torch  # noqa: E402
+from moe_layer import write_results  # noqa: E402
 from torch.profiler import profile  # noqa: E402
 
 from moex.config import MoEConfig  # noqa: E402
@@ -135,14 +135,8 @@ def main():
     torch.set_num_threads(args.threads)
     rows_cfg = [tuple(int(v) for v in r.split(",")) for r in args.rows.split(";")] if args.rows else ROWS
     rows = [profile_row(*cfg, args.backend, args.steps) for cfg in rows_cfg]
-    md = markdown(rows, args.threads)
-    print(md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    print(f"wrote {args.out}.json and .md")
+    write_results(args.out, {"threads": args.threads, "torch": torch.__version__, "rows": rows},
+                  markdown(rows, args.threads))
 
 
 if __name__ == "__main__":

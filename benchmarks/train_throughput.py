@@ -23,10 +23,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import peak_bytes, sync  # noqa: E402  (also sets THP_MEM_ALLOC_ENABLE before torch loads)
+from moe_layer import peak_bytes, sync, write_results  # noqa: E402  (also sets THP_MEM_ALLOC_ENABLE before torch loads)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -119,14 +118,7 @@ def main():
         lines.append(f"| {r['set']} | {r['model']} | {r['params']['total'] / 1e6:.2f}M / {r['params']['active'] / 1e6:.2f}M | "
                      f"{r['tokens_per_s']:.0f} | {r['vs_dense_time']:.2f}x | {r['peak_bytes'] / 2**20:.0f} | "
                      f"{r['vs_dense_peak']:.2f}x |")
-    md = "\n".join(lines) + "\n"
-    print("\n" + md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    print(f"wrote {args.out}.json and .md")
+    write_results(args.out, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ from torch import Tensor
 
 
 @triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b in fp32 (operands upcast first under the interpreter, whose bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ALLOW_TF32:
+        acc += tl.dot(a, b, input_precision="tf32")
+    else:
+        acc += tl.dot(a, b, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
                      stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -54,13 +67,7 @@ def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_pt
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + e * stride_be + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if ALLOW_TF32:
-            acc += tl.dot(a, b, input_precision="tf32")
-        else:
-            acc += tl.dot(a, b, input_precision="ieee")
+        acc = _mma(acc, a, b, UPCAST, ALLOW_TF32)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -96,13 +103,7 @@ def _gmm_wgrad_kernel(x_ptr, xrows_ptr, dy_ptr, dyrows_ptr, dw_ptr, starts_ptr, 
                      mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         dy = tl.load(dy_ptr + dm[:, None] * stride_dm + rn[None, :] * stride_dn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            dy = dy.to(tl.float32)
-        if ALLOW_TF32:
-            acc += tl.dot(xt, dy, input_precision="tf32")
-        else:
-            acc += tl.dot(xt, dy, input_precision="ieee")
+        acc = _mma(acc, xt, dy, UPCAST, ALLOW_TF32)
     tl.store(dw_ptr + e * stride_we + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
              acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
 
