@@ -28,7 +28,7 @@ from moex.ops import BACKENDS, count_active, expert_mlp, gated_scatter_add, grou
 from moex.routers import RouterOutput, build_router
 
 log = logging.getLogger(__name__)
-_logged: set[tuple[str, str]] = set()  # (gemm_backend, device type) already logged
+_FUSED_IMPL: dict[tuple[str, str, torch.dtype], str | None] = {}  # decided (and logged) once per key
 
 
 class Experts(nn.Module):
@@ -131,15 +131,16 @@ class MoELayer(nn.Module):
         kernels (gathers inside the GEMMs) when triton is usable, else ``blocked``.
         """
         b, dev = self.cfg.gemm_backend, x_TD.device
-        if not (b == "fused" or (b == "auto" and dev.type == "cpu")):
-            return None
-        why = BACKENDS["triton"][1](dev, x_TD.dtype) if dev.type == "cuda" else "not on CUDA"
-        impl = "triton" if why is None else "blocked"
-        if (b, dev.type) not in _logged:
-            _logged.add((b, dev.type))
-            log.info("MoE experts: gemm_backend=%s -> fused expert MLP, impl=%s on %s (triton: %s)", b, impl,
-                     dev.type, why or "usable")
-        return impl
+        key = (b, dev.type, x_TD.dtype)
+        if key not in _FUSED_IMPL:  # the triton probe imports modules: once, not every forward
+            if b == "fused" or (b == "auto" and dev.type == "cpu"):
+                why = BACKENDS["triton"][1](dev, x_TD.dtype) if dev.type == "cuda" else "not on CUDA"
+                _FUSED_IMPL[key] = "triton" if why is None else "blocked"
+                log.info("MoE experts: gemm_backend=%s -> fused expert MLP, impl=%s on %s (triton: %s)", b,
+                         _FUSED_IMPL[key], dev.type, why or "usable")
+            else:
+                _FUSED_IMPL[key] = None
+        return _FUSED_IMPL[key]
 
     def _gemm_backend(self) -> str:
         """The grouped_mm backend of the unfused path (``fused`` falls back to ``auto`` under EP dispatch)."""

@@ -27,8 +27,9 @@ the work runs in blocks of at most ``block_rows`` rows of one expert:
   the (E, D, H) and (E, H, D) gradient tensors (no zero-fill pass, no copies).
 
 The loop over experts is in Python: ~15 small ops per block, a few ms per step
-at E=64, well under the GEMM time it drives. On CUDA the layer uses the grouped
-GEMM backends instead (one kernel launch per GEMM rather than one per expert).
+at E=64, well under the GEMM time it drives. On CUDA, ``impl="triton"`` runs the
+same op as a few grouped kernels with the gathers inside them
+(:func:`moex.ops.triton_gmm.triton_expert_mlp`) instead of one launch per block.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def _blocks(counts: list[int], block_rows: int):
         start += n
 
 
-def _act_block(act: str, pre_nH: Tensor, out_nH: Tensor) -> Tensor:
-    if act == "relu":  # in place (out_nH is pre_nH); threshold maps -0.0 to +0.0 too, see count_active
-        return F.threshold_(pre_nH, 0.0, 0.0)
-    return out_nH.copy_(ACTS[act](pre_nH))
+def act_forward(act: str, pre: Tensor, out: Tensor | None = None) -> Tensor:
+    """The hidden code act(pre). ReLU runs in place on ``pre`` (threshold writes +0.0 for
+    -0.0 too, which :func:`count_active` relies on); GELU writes into ``out`` if given."""
+    if act == "relu":
+        return F.threshold_(pre, 0.0, 0.0)
+    return ACTS[act](pre) if out is None else out.copy_(ACTS[act](pre))
 
 
 def act_backward(act: str, g_nH: Tensor, saved_nH: Tensor) -> Tensor:
@@ -101,7 +104,7 @@ class _ExpertMLP(torch.autograd.Function):
             n, tok = b - a, token_S[a:b]
             x_nD = torch.index_select(x_TD, 0, tok, out=buf_nD[:n])
             pre_nH = torch.mm(x_nD, w1_EDH[e], out=saved_SH[a:b])
-            h_nH = _act_block(act, pre_nH, h_SH[a:b])
+            h_nH = act_forward(act, pre_nH, h_SH[a:b])
             hw_nH = torch.mul(h_nH, g_S1[a:b], out=buf_nH[:n])
             y_TD.index_add_(0, tok, torch.mm(hw_nH, w2_EHD[e], out=buf_nD[:n]))
         ctx.save_for_backward(x_TD, token_S, gate_S, w1_EDH, w2_EHD, saved_SH)
@@ -194,13 +197,12 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
         raise ValueError(f"shapes disagree: x {tuple(x_TD.shape)}, w1 {tuple(w1_EDH.shape)}, w2 {tuple(w2_EHD.shape)}")
     if not (x_TD.dtype == w1_EDH.dtype == w2_EHD.dtype):
         raise ValueError(f"dtypes differ: x {x_TD.dtype}, w1 {w1_EDH.dtype}, w2 {w2_EHD.dtype}")
-    counts = [int(c) for c in counts_E.tolist()]
-    if len(counts) != E or sum(counts) != token_S.numel() or gate_S.shape != token_S.shape:
-        raise ValueError(f"counts_E ({len(counts)} experts, sum {sum(counts)}) must match E={E} and "
-                         f"token_S/gate_S of {token_S.numel()} rows (gate_S {tuple(gate_S.shape)})")
+    if counts_E.shape != (E,) or gate_S.shape != token_S.shape:
+        raise ValueError(f"counts_E {tuple(counts_E.shape)} must be ({E},) and gate_S {tuple(gate_S.shape)} "
+                         f"must match token_S {tuple(token_S.shape)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    if impl == "triton":
+    if impl == "triton":  # counts stay on the device: the kernels schedule tiles without a host sync
         from moex.ops.grouped_gemm import BACKENDS, BackendUnavailable
         from moex.ops.triton_gmm import triton_expert_mlp
 
@@ -210,6 +212,9 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
         return triton_expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act)
     if impl != "blocked":
         raise ValueError(f"unknown expert_mlp impl {impl!r}; valid: ['blocked', 'triton']")
+    counts = [int(c) for c in counts_E.tolist()]  # the block loop runs on the host
+    if sum(counts) != token_S.numel():
+        raise ValueError(f"counts_E sums to {sum(counts)} but token_S has {token_S.numel()} rows")
     return _ExpertMLP.apply(x_TD.contiguous(), token_S, gate_S, w1_EDH.contiguous(), w2_EHD.contiguous(),
                             counts, act, block_rows)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["triton_grouped_mm", "triton_expert_mlp", "configure", "block_sizes", "kernel_module"]
@@ -84,12 +83,12 @@ class _TritonExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, token_S, gate_S, w1_EDH, w2_EHD, counts_E, act, blocks):
-        from moex.ops.expert_mlp import ACTS
+        from moex.ops.expert_mlp import act_forward
 
         km = kernel_module()
         T, D = x_TD.shape
         pre_SH = km.gmm_rows(x_TD, w1_EDH, counts_E, rows=token_S, **blocks)
-        h_SH = F.threshold(pre_SH, 0.0, 0.0) if act == "relu" else ACTS[act](pre_SH)
+        h_SH = act_forward(act, pre_SH)  # ReLU: in place, pre_SH is the code
         hw_SH = h_SH * gate_S.to(x_TD.dtype).unsqueeze(-1)
         y_SD = km.gmm_rows(hw_SH, w2_EHD, counts_E, **blocks)
         y_TD = x_TD.new_zeros(T, D).index_add_(0, token_S, y_SD)
