@@ -186,7 +186,8 @@ def peak_bytes(fn, device) -> int:
     high-water mark (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``) above
     the resident set before the call, with blocks >= 64 KiB mmapped while it runs so
     that freeing a tensor returns its pages: it follows live tensor memory at page
-    granularity.
+    granularity. The minimum of three calls: huge-page backing adds up to a few 2 MiB
+    pages of noise to a single reading.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -200,17 +201,21 @@ def peak_bytes(fn, device) -> int:
     # and mmap every block >= 64 KiB for the duration (munmapped on free), then restore the
     # threshold glibc's adaptation reaches in a warm process (32 MiB).
     libc = _libc()
-    gc.collect()
-    libc.malloc_trim(0)
     libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
     try:
-        base = _proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        fn()
-        return _proc_status_bytes("VmHWM") - base
+        return min(_rss_peak_once(fn, libc) for _ in range(3))
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def _rss_peak_once(fn, libc) -> int:
+    gc.collect()
+    libc.malloc_trim(0)
+    base = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _proc_status_bytes("VmHWM") - base
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -272,8 +277,7 @@ def bench_row(E, H, k, T, D, args, device, dtype):
                 continue  # slow references: at least 2 reps, then only while under budget
             times[name].append(time_once(fn, device))
     med = {n: statistics.median(v) for n, v in times.items()}
-    # min of 3: huge-page backing adds up to a few 2 MiB pages of noise to a single reading
-    mem = {n: min(peak_bytes(fn, device) for _ in range(3)) for n, fn in fns.items() if n != "matmul"}
+    mem = {n: peak_bytes(fn, device) for n, fn in fns.items() if n != "matmul"}
     act = {n: saved_bytes(m, s, x, g) for n, (m, s) in variants.items()}
     expert_flops = 3 * 2 * 2 * T_ * k * D * H  # fwd + 2 bwd GEMMs, two layers
     mm_flops_s = 2 * 4096 * 1024 * 1024 / med["matmul"]

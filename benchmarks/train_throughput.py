@@ -95,7 +95,7 @@ def main():
                 sync(device)
                 times[n].append(time.perf_counter() - t0)
         for n, fn in steps.items():
-            mems[n] = min(peak_bytes(fn, device) for _ in range(3))  # huge pages add noise to one reading
+            mems[n] = peak_bytes(fn, device)
         tokens = args.batch * args.ctx
         for n in steps:
             med = statistics.median(times[n])
