@@ -16,7 +16,8 @@ import sys
 from moex import config as C
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(cmd: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the plugin named `cmd` (the subcommand being run) is imported."""
     p = argparse.ArgumentParser(prog="moex", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*")
 
     for name, (module, help_text) in PLUGINS.items():
+        if name != cmd:  # listed in `moex --help`; its module is imported only when it runs
+            sub.add_parser(name, help=help_text)
+            continue
         mod = importlib.import_module(module)
         sp = sub.add_parser(name, help=help_text, description=mod.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from moex.parallel.launch import strip_local_rank
 
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    parser = _parser()
+    parser = _parser(next((a for a in argv if not a.startswith("-")), None))
     args, rest = parser.parse_known_args(argv)
     if rest:  # dotted overrides may follow options: `moex compare R --out D train.max_steps=3`
         if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):

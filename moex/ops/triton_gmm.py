@@ -21,11 +21,8 @@ _BLOCKS = {"block_m": 64, "block_n": 64, "block_k": 32}
 
 
 def kernel_module():
-    """The kernel module: ``moex.kernels.grouped_gemm`` when installed, else the source tree's ``kernels``."""
-    try:
-        return importlib.import_module("moex.kernels.grouped_gemm")
-    except ModuleNotFoundError:
-        return importlib.import_module("kernels.grouped_gemm")
+    """The kernel module ``moex.kernels.grouped_gemm`` (imported lazily: it imports triton)."""
+    return importlib.import_module("moex.kernels.grouped_gemm")
 
 
 def configure(*, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> dict:
