@@ -70,6 +70,15 @@ class ModelConfig:
     mlp_activation: Literal["relu", "gelu"] = "gelu"
     moe: MoEConfig = field(default_factory=MoEConfig)
     init_std: float = 0.02
+    # Decoder options of the published families (docs/interop.md). The defaults are
+    # moex's original decoder, with its state-dict keys.
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    n_kv_head: int = 0  # grouped-query attention: key/value heads (0 = n_head)
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # OLMoE: RMSNorm over the whole q and k projections, before RoPE
+    # Linear-layer (and LayerNorm) biases: none; qkv = attention input only (Qwen2); all (GPT-2)
+    bias: Literal["none", "qkv", "all"] = "none"
 
 
 # --------------------------------------------------------------------------- data
@@ -268,6 +277,12 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
+    if m.n_kv_head < 0 or m.n_kv_head and m.n_head % m.n_kv_head:
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (0 = n_head)")
+    if m.pos_emb == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.pos_emb=rope needs an even head dim, got d_model/n_head = {m.d_model // m.n_head}")
+    if m.rope_base <= 0 or m.norm_eps <= 0:
+        raise ConfigError(f"model.rope_base={m.rope_base} and model.norm_eps={m.norm_eps} must be positive")
     if m.ffn == "moe":
         if not 1 <= m.moe.top_k <= m.moe.num_experts:
             raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in [1, num_experts={m.moe.num_experts}]")

@@ -1,6 +1,7 @@
 """Causal self-attention: PyTorch SDPA by default, flash-attn as an optional backend.
 
-Shape key: B batch, T time, D model dim, N heads, C head dim (D = N*C).
+Shape key: B batch, T time, D model dim, N heads, K key/value heads (grouped-query
+attention; K divides N), C head dim (D = N*C).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moex.models.norm import build_norm
 
 
 def rope_cache(T: int, C: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
@@ -34,25 +37,41 @@ def _flash_attn():
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, *, dropout: float = 0.0, rope: bool = True, backend: str = "sdpa"):
+    """Causal attention; `n_kv_head` < `n_head` shares each key/value head among n_head/n_kv_head query heads.
+
+    `qkv` holds the q, k and v projections stacked by rows (N*C, K*C, K*C). With
+    `qk_norm`, q and k are RMS-normalised over all their heads before RoPE (OLMoE).
+    """
+
+    def __init__(self, d_model: int, n_head: int, *, n_kv_head: int = 0, dropout: float = 0.0, rope: bool = True,
+                 backend: str = "sdpa", qkv_bias: bool = False, proj_bias: bool = False, qk_norm: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.n_head, self.rope, self.backend, self.dropout = n_head, rope, backend, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.n_kv_head = n_kv_head or n_head
+        kv_dim = self.n_kv_head * (d_model // n_head)
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=qkv_bias)
+        self.proj = nn.Linear(d_model, d_model, bias=proj_bias)
+        self.q_norm = build_norm("rmsnorm", d_model, eps=norm_eps) if qk_norm else None
+        self.k_norm = build_norm("rmsnorm", kv_dim, eps=norm_eps) if qk_norm else None
         if backend == "flash":
             _flash_attn()  # fail at build time, not mid-run
 
     def forward(self, x_BTD: Tensor, rope_cs: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, D = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        N, K, C = self.n_head, self.n_kv_head, D // self.n_head
+        q, k, v = self.qkv(x_BTD).split([N * C, K * C, K * C], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, N, C).transpose(1, 2), k.view(B, T, K, C).transpose(1, 2), v.view(B, T, K, C).transpose(1, 2)
         if self.rope:
             cos, sin = rope_cs
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        if self.backend == "flash":
+        if self.backend == "flash":  # flash-attn takes fewer key/value heads as they are
             y = _flash_attn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             y_BTD = y.reshape(B, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=K != N)
             y_BTD = y.transpose(1, 2).reshape(B, T, D)
         return self.proj(y_BTD)

@@ -17,10 +17,10 @@ def activation(name: str):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, act: str = "gelu"):
+    def __init__(self, d_model: int, d_ff: int, act: str = "gelu", *, bias: bool = False):
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff, bias=False)
-        self.proj = nn.Linear(d_ff, d_model, bias=False)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.act_name, self.act = act, activation(act)
 
     def hidden(self, x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from moex.config import ModelConfig
 from moex.models.attention import CausalSelfAttention, rope_cache
 from moex.models.mlp import DenseMLP
+from moex.models.norm import build_norm
 from moex.models.outputs import FFNOutput
 
 
@@ -21,7 +22,7 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     """The FFN of layer `layer`: dense, or the configured sparse layer on every `moe_every`-th layer."""
     sparse = cfg.ffn != "dense" and layer % cfg.moe_every == cfg.moe_every - 1
     if not sparse:
-        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation)
+        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation, bias=cfg.bias == "all")
     if cfg.ffn == "moe":
         from moex.models.moe import MoELayer
 
@@ -31,14 +32,20 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     return sparse_layers.build(cfg, layer)
 
 
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias == "all")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.ln1 = _norm(cfg)
         self.attn = CausalSelfAttention(
-            cfg.d_model, cfg.n_head, dropout=cfg.dropout, rope=cfg.pos_emb == "rope", backend=cfg.attn_backend
+            cfg.d_model, cfg.n_head, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout, rope=cfg.pos_emb == "rope",
+            backend=cfg.attn_backend, qkv_bias=cfg.bias != "none", proj_bias=cfg.bias == "all",
+            qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
         )
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.ln2 = _norm(cfg)
         self.ffn = build_ffn(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -67,7 +74,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
+        self.ln_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -79,6 +86,8 @@ class GPT(nn.Module):
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> ModelOutput:
         B, T = idx_BT.shape
@@ -89,7 +98,7 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx_BT.device))
         rope_cs = None
         if self.cfg.pos_emb == "rope":
-            rope_cs = rope_cache(T, self.cfg.d_model // self.cfg.n_head, device=idx_BT.device)
+            rope_cs = rope_cache(T, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base, device=idx_BT.device)
         x = self.drop(x)
         aux: dict[str, Tensor] = {}
         stats = []
