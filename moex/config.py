@@ -255,13 +255,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# The recipes ship inside the package (moex/recipes; `recipes/` at the repo root is the same directory).
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Bare names of the shipped recipes (`chess-tiny`, `experiments/chess-interp-cpu`)."""
+    return sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path as given, else a shipped recipe's bare name (`chess-tiny`), else a ConfigError."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    shipped = RECIPE_DIR / (path.as_posix().removesuffix(".yaml") + ".yaml")
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe not found: {recipe} (neither a file nor a shipped recipe; "
+                      f"shipped: {', '.join(recipe_names())})")
+
+
 def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML recipe (or defaults when None), apply overrides, validate."""
+    """Load a YAML recipe (a path or a shipped recipe's name; defaults when None), apply overrides, validate."""
     data: dict = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.exists():
-            raise ConfigError(f"recipe not found: {path}")
+        path = resolve_recipe(recipe)
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping")

@@ -68,3 +68,19 @@ def test_dump_roundtrip():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads(recipe):
     C.load(recipe)
+
+
+def test_shipped_recipe_by_name_equals_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare name must not depend on the working directory
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    assert C.resolve_recipe("chess-tiny").read_text() == (root / "chess-tiny.yaml").read_text()
+    assert C.resolve_recipe("experiments/chess-interp-cpu.yaml").name == "chess-interp-cpu.yaml"
+    assert set(C.recipe_names()) == {p.relative_to(root).with_suffix("").as_posix() for p in RECIPES}
+    assert C.load("chess-tiny").train.run_name == "chess-tiny"
+    (tmp_path / "chess-tiny.yaml").write_text("train: {max_steps: 7}\n")  # an existing path wins over a name
+    assert C.load("chess-tiny.yaml").train.max_steps == 7
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(C.ConfigError, match=r"recipe not found: chess-tinyy .*shipped: .*chess-tiny, chess-tiny-dense"):
+        C.load("chess-tinyy")
