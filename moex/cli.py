@@ -96,6 +96,7 @@ PLUGINS = {
     "upcycle": ("moex.models.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
     "train-sae": ("moex.interp.sae_command", "train a sparse autoencoder on a dense model's MLP activations"),
+    "export": ("moex.interop.export_command", "write a run's model as safetensors + config (moex or Hugging Face layout)"),
 }
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+WEIGHTS_ONLY = "WEIGHTS_ONLY"  # marker file of a checkpoint written by save_weights
 
 
 def tag_for(step: int) -> str:
@@ -68,6 +69,32 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, *, rank: int, ba
         _prune(ckpt_dir, keep)
     barrier()
     return final
+
+
+def save_weights(ckpt_dir: Path, step: int, module_state: dict, client_state: dict) -> Path:
+    """A weights-only checkpoint (no optimizer, no DeepSpeed engine), e.g. an imported model.
+
+    `load_model_state` / `load_client_state` read it like a trained one, so `moex eval`,
+    `interpret`, `upcycle` and `train.init_from` take it; it cannot be resumed (no
+    optimizer state: `is_weights_only` says so). Written atomically.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag, tmp = tag_for(step), ckpt_dir / ("tmp-" + tag_for(step))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"module": module_state, **client_state, "step": step},
+               tmp / "mp_rank_00_model_states.pt")
+    (tmp / WEIGHTS_ONLY).write_text("no optimizer state: initialise a new run from it with train.init_from\n")
+    final = ckpt_dir / tag
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_atomic(ckpt_dir / LATEST, tag)
+    return final
+
+
+def is_weights_only(ckpt: Path) -> bool:
+    return (Path(ckpt) / WEIGHTS_ONLY).exists()
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

@@ -89,6 +89,8 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0:  # rank 0 tokenizes and fills the cache; the others then read it
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.train.init_from:
+                _adopt_tokenizer(cfg.train.init_from, self.run_dir)
             self.data = build_data(cfg.data, cfg.model.block_size, tokenizer_dir=self.run_dir / "tokenizer")
         distributed.barrier()
         if self.rank != 0:
@@ -143,6 +145,11 @@ class Trainer:
         # (experts, Adam state) by parameter name. See moex.parallel.reshard.
         from moex.parallel import reshard
 
+        if checkpoint.is_weights_only(self.ckpt_dir / tag):
+            raise TrainingError(
+                f"{self.ckpt_dir / tag} holds weights only (an imported model, no optimizer state): fine-tune it "
+                f"in another run with train.init_from={self.run_dir}"
+            )
         client = reshard.resume(self.engine, self.ckpt_dir, tag, self.cfg, self.world)
         checkpoint.set_rng_state(client["rng"][self.rank] if self.rank < len(client["rng"]) else client["rng"][0])
         self._say(f"resumed from {self.ckpt_dir / tag} (step {client['step']})")
@@ -262,6 +269,18 @@ class Trainer:
             bar.write(text)
         else:
             self._say(text)
+
+
+def _adopt_tokenizer(init_from: str, run_dir: Path) -> None:
+    """A run initialised from another run's weights needs its token ids: copy its tokenizer (if this run has none)."""
+    p = Path(init_from)
+    if not p.is_dir() or (run_dir / "tokenizer").exists():
+        return
+    src_run, _ = checkpoint.resolve(p)
+    if (src_run / "tokenizer").is_dir():
+        import shutil
+
+        shutil.copytree(src_run / "tokenizer", run_dir / "tokenizer")
 
 
 def _load_initial_weights(model, path: str) -> None:
