@@ -1,4 +1,4 @@
-"""`moex train|eval|info|compare|upcycle …` — the command line.
+"""`moex train|eval|info|compare|upcycle|generate …` — the command line.
 
     moex train recipes/chess-tiny.yaml model.moe.num_experts=16 train.max_steps=200
     moex eval runs/chess-tiny
@@ -97,6 +97,7 @@ PLUGINS = {
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
     "train-sae": ("moex.interp.sae_command", "train a sparse autoencoder on a dense model's MLP activations"),
     "export": ("moex.interop.export_command", "write a run's model as safetensors + config (moex or Hugging Face layout)"),
+    "generate": ("moex.eval.generate", "sample text from a trained run (KV cache; temperature, top-k, top-p)"),
 }
 
 

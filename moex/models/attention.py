@@ -1,7 +1,8 @@
 """Causal self-attention: PyTorch SDPA by default, flash-attn as an optional backend.
 
-Shape key: B batch, T time, D model dim, N heads, K key/value heads (grouped-query
-attention; K divides N), C head dim (D = N*C).
+Shape key: B batch, T time (new tokens), S time (cached + new), D model dim,
+N heads, K key/value heads (grouped-query attention; K divides N), C head dim
+(D = N*C), L cache capacity.
 """
 
 from __future__ import annotations
@@ -36,6 +37,34 @@ def _flash_attn():
     return flash_attn_func
 
 
+class LayerKV:
+    """One layer's cached keys and values, preallocated for `max_len` positions.
+
+    Incremental decoding appends the new tokens' (rotated) keys and values and
+    attends over everything cached so far; positions are absolute, so a token's
+    output equals the one a full forward over the whole prefix computes.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k_BKLC: Tensor | None = None
+        self.v_BKLC: Tensor | None = None
+        self.len = 0
+
+    def append(self, k_BKTC: Tensor, v_BKTC: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values; return all cached ones (B, K, S, C)."""
+        B, K, T, C = k_BKTC.shape
+        if self.k_BKLC is None:
+            self.k_BKLC = k_BKTC.new_empty(B, K, self.max_len, C)
+            self.v_BKLC = v_BKTC.new_empty(B, K, self.max_len, C)
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.len} + {T} tokens > capacity {self.max_len}")
+        self.k_BKLC[:, :, self.len : self.len + T] = k_BKTC
+        self.v_BKLC[:, :, self.len : self.len + T] = v_BKTC
+        self.len += T
+        return self.k_BKLC[:, :, : self.len], self.v_BKLC[:, :, : self.len]
+
+
 class CausalSelfAttention(nn.Module):
     """Causal attention; `n_kv_head` < `n_head` shares each key/value head among n_head/n_kv_head query heads.
 
@@ -57,7 +86,13 @@ class CausalSelfAttention(nn.Module):
         if backend == "flash":
             _flash_attn()  # fail at build time, not mid-run
 
-    def forward(self, x_BTD: Tensor, rope_cs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x_BTD: Tensor, rope_cs: tuple[Tensor, Tensor] | None = None, kv: LayerKV | None = None
+    ) -> Tensor:
+        """Causal attention over x; with `kv`, x holds the next tokens after those cached there.
+
+        `rope_cs` are the cos/sin rows of x's own (absolute) positions.
+        """
         B, T, D = x_BTD.shape
         N, K, C = self.n_head, self.n_kv_head, D // self.n_head
         q, k, v = self.qkv(x_BTD).split([N * C, K * C, K * C], dim=-1)
@@ -67,11 +102,18 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             cos, sin = rope_cs
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, K, S, C): cached + new
+        past = k.shape[2] - T
         p = self.dropout if self.training else 0.0
-        if self.backend == "flash":  # flash-attn takes fewer key/value heads as they are
+        if self.backend == "flash":  # fewer k/v heads as they are; causal mask aligned bottom-right (past > 0 ok)
             y = _flash_attn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             y_BTD = y.reshape(B, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=K != N)
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=K != N)
+            else:  # SDPA's is_causal aligns top-left; query i sits at position past + i
+                mask_TS = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=p, enable_gqa=K != N)
             y_BTD = y.transpose(1, 2).reshape(B, T, D)
         return self.proj(y_BTD)

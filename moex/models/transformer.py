@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moex.config import ModelConfig
-from moex.models.attention import CausalSelfAttention, rope_cache
+from moex.models.attention import CausalSelfAttention, LayerKV, rope_cache
 from moex.models.mlp import DenseMLP
 from moex.models.norm import build_norm
 from moex.models.outputs import FFNOutput
@@ -49,10 +49,26 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: Tensor, rope_cs) -> tuple[Tensor, FFNOutput]:
-        x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD), rope_cs))
+    def forward(self, x_BTD: Tensor, rope_cs, kv: LayerKV | None = None) -> tuple[Tensor, FFNOutput]:
+        x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD), rope_cs, kv))
         out = self.ffn(self.ln2(x_BTD))
         return x_BTD + self.drop(out.y), out
+
+
+class KVCache:
+    """Per-layer key/value caches of a batch of sequences for incremental decoding.
+
+    `pos` is the number of tokens already fed; the next forward's tokens sit at
+    absolute positions pos, pos+1, ... (at most `max_len` = the context length).
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [LayerKV(max_len) for _ in range(n_layer)]
+        self.max_len = max_len
+
+    @property
+    def pos(self) -> int:
+        return self.layers[0].len
 
 
 @dataclass
@@ -89,21 +105,29 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> ModelOutput:
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for `forward(..., cache=)`, holding up to block_size positions."""
+        return KVCache(self.cfg.n_layer, self.cfg.block_size)
+
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None, *, cache: KVCache | None = None) -> ModelOutput:
+        """Logits (and losses with targets). With `cache`, idx_BT continues the cached tokens."""
         B, T = idx_BT.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        pos0 = cache.pos if cache is not None else 0
+        if pos0 + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {pos0 + T} exceeds model.block_size={self.cfg.block_size}")
         x = self.wte(idx_BT)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx_BT.device))
+            x = x + self.wpe(torch.arange(pos0, pos0 + T, device=idx_BT.device))
         rope_cs = None
         if self.cfg.pos_emb == "rope":
-            rope_cs = rope_cache(T, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base, device=idx_BT.device)
+            C = self.cfg.d_model // self.cfg.n_head
+            cos, sin = rope_cache(pos0 + T, C, self.cfg.rope_base, device=idx_BT.device)
+            rope_cs = cos[pos0:], sin[pos0:]
         x = self.drop(x)
         aux: dict[str, Tensor] = {}
         stats = []
-        for block in self.blocks:
-            x, out = block(x, rope_cs)
+        for i, block in enumerate(self.blocks):
+            x, out = block(x, rope_cs, cache.layers[i] if cache is not None else None)
             for k, v in out.aux_losses.items():
                 aux[k] = aux[k] + v if k in aux else v
             stats.append(out.stats)
