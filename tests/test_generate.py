@@ -20,7 +20,7 @@ VARIANTS = [
     ("monet", {"model.moe.monet_mode": "vd"}),
     ("peer", {}),
     ("moe", {"model.pos_emb": "learned"}),
-    ("moe", {"model.n_kv_head": 2, "model.qk_norm": "true", "model.norm": "rmsnorm", "model.bias": "all"}),
+    ("moe", {"model.n_kv_head": 2, "model.qk_norm": "true", "model.norm": "rmsnorm", "model.bias": "qkv"}),
 ]
 
 
