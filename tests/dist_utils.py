@@ -13,17 +13,12 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 
+from moex.parallel.launch import free_port
+
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn, rank: int, world: int, port: int, args, out) -> None:

@@ -4,7 +4,9 @@
 import slurm_cluster``) gives a :class:`SlurmCluster`. A running cluster is used
 as it is; otherwise start.sh brings one up with MOEX_SLURM_NODES nodes (default
 2). Skips, with the reason, where Slurm cannot be had (not root, no apt-get, apt
-failing); any other start-up failure fails the test.
+failing); any other start-up failure fails the test. A cluster the session
+started is stopped when the session ends (MOEX_KEEP_SLURM=1 keeps it); one that
+was already running is left alone.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 START = REPO / "slurm" / "local-cluster" / "start.sh"
+STOP = REPO / "slurm" / "local-cluster" / "stop.sh"
 RUN_DIR = Path(os.environ.get("MOEX_SLURM_RUN_DIR", "/var/tmp/moex-slurm"))
 
 
@@ -29,6 +32,7 @@ class SlurmCluster:
 
     env: Dict[str, str]
     nodes: List[str]
+    started: bool = False  # brought up by this process (so it stops it too)
 
     def run(self, args: List[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a client command (srun, sbatch, ...); raise with its output on failure."""
@@ -77,10 +81,19 @@ def ensure_cluster() -> SlurmCluster:
             raise AssertionError(f"start.sh failed:\n{out.stdout}\n{out.stderr}")
         nodes = _idle_nodes(_env())
         assert nodes, "start.sh succeeded but sinfo shows no idle node"
+        return SlurmCluster(env=_env(), nodes=nodes, started=True)
     return SlurmCluster(env=_env(), nodes=nodes)
 
 
+def stop_cluster(cluster: SlurmCluster) -> None:
+    """Stop a cluster this process started (slurmctld and every slurmd); keep munged."""
+    if cluster.started and os.environ.get("MOEX_KEEP_SLURM") != "1":
+        subprocess.run([str(STOP)], capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> SlurmCluster:
-    """Session fixture around :func:`ensure_cluster`."""
-    return ensure_cluster()
+def slurm_cluster():
+    """Session fixture around :func:`ensure_cluster`; stops what it started at the end."""
+    cluster = ensure_cluster()
+    yield cluster
+    stop_cluster(cluster)

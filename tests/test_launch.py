@@ -7,7 +7,7 @@ import pytest
 
 from moex.parallel.launch import (LaunchInfo, detect_launch, expand_hostlist, export_env,
                                   strip_local_rank)
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+
 
 
 def test_single_process_defaults():
@@ -135,7 +135,7 @@ def test_expand_hostlist_rejects_malformed(bad):
 
 
 @pytest.mark.parametrize("hostlist", sorted(HOSTLISTS))
-def test_expand_hostlist_matches_scontrol(hostlist, slurm_cluster):  # noqa: F811
+def test_expand_hostlist_matches_scontrol(hostlist, slurm_cluster):
     # scontrol expands hostlists locally; the fixture installs Slurm where it can (else skips)
     out = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True,
                          text=True, timeout=30, env=slurm_cluster.env)

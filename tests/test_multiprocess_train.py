@@ -9,12 +9,13 @@ users launch: `torchrun` and DeepSpeed's own `deepspeed` launcher (which passes
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from moex.parallel.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,6 @@ def _env() -> dict:
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p))
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(tmp: Path, name: str, launcher: list, batch: int) -> dict:
@@ -89,5 +84,5 @@ def test_torchrun_two_ranks_match_one(single, tmp_path):
 def test_deepspeed_launcher_two_ranks_match_one(single, tmp_path):
     # Without a hostfile the launcher runs local processes only: no ssh/pdsh needed.
     multi = _train(tmp_path, "deepspeed", [
-        "deepspeed", "--num_gpus=2", f"--master_port={_free_port()}", "--module", "moex.cli"], B)
+        "deepspeed", "--num_gpus=2", f"--master_port={free_port()}", "--module", "moex.cli"], B)
     _assert_same(single, multi)

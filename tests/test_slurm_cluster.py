@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401  (fixture)
+from tests.slurm_cluster import REPO
 
 pytestmark = pytest.mark.slurm
 
@@ -14,13 +14,13 @@ PRINT_LAUNCH = ("from moex.parallel.launch import detect_launch; i = detect_laun
                 "i.master_port, i.launcher, flush=True)")
 
 
-def test_srun_two_tasks(slurm_cluster):  # noqa: F811
+def test_srun_two_tasks(slurm_cluster):
     out = slurm_cluster.run(["srun", "-n2", "python", "-c",
                              "import os; print(os.environ['SLURM_PROCID'])"])
     assert sorted(out.stdout.split()) == ["0", "1"]
 
 
-def test_sbatch_wait_detect_launch(slurm_cluster, tmp_path):  # noqa: F811
+def test_sbatch_wait_detect_launch(slurm_cluster, tmp_path):
     nodes = min(2, len(slurm_cluster.nodes))
     script = tmp_path / "job.sh"
     script.write_text(textwrap.dedent(f"""\
@@ -70,7 +70,7 @@ STAND_IN = textwrap.dedent("""\
     """)
 
 
-def test_preempt_requeue_resume(slurm_cluster, tmp_path):  # noqa: F811
+def test_preempt_requeue_resume(slurm_cluster, tmp_path):
     """USR1 to the batch shell -> forwarded to all ranks -> exit 124 -> scontrol
     requeue -> the same job id runs again with the same run name."""
     (tmp_path / "stand_in.py").write_text(STAND_IN)
@@ -106,7 +106,7 @@ def test_preempt_requeue_resume(slurm_cluster, tmp_path):  # noqa: F811
     assert "srun exited with 0" in text
 
 
-def test_srun_gloo_rendezvous(slurm_cluster):  # noqa: F811
+def test_srun_gloo_rendezvous(slurm_cluster):
     """Plain srun (no MASTER_ADDR from an sbatch script): ranks find each other
     from SLURM_* alone, across both nodes when the cluster has two."""
     nodes = min(2, len(slurm_cluster.nodes))

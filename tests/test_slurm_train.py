@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import REPO, slurm_cluster  # noqa: F401  (fixture)
+from tests.slurm_cluster import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ def assert_finished(info: dict, job: Job) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm_cluster, tmp_path_factory):  # noqa: F811
+def reference(slurm_cluster, tmp_path_factory):
     """The uninterrupted run: 1 node x 2 ranks."""
     tmp = tmp_path_factory.mktemp("reference")
     job = submit(slurm_cluster, tmp, "train-single-node.sbatch", "--ntasks=2")
@@ -100,7 +100,7 @@ def test_single_node_two_ranks_trains(reference):
     assert recs[-1]["val"]["loss"] < 3.0 < recs[0]["loss"], (recs[0], recs[-1])  # it learned
 
 
-def test_preempt_requeue_resume_matches_uninterrupted(slurm_cluster, reference, tmp_path):  # noqa: F811
+def test_preempt_requeue_resume_matches_uninterrupted(slurm_cluster, reference, tmp_path):
     ref_job, ref_info, _ = reference
     ref = assert_finished(ref_info, ref_job)
     job = submit(slurm_cluster, tmp_path, "train-single-node.sbatch", "--ntasks=2")
@@ -124,7 +124,7 @@ def test_preempt_requeue_resume_matches_uninterrupted(slurm_cluster, reference, 
     assert recs[-1]["val"]["loss"] == ref[-1]["val"]["loss"]
 
 
-def test_two_nodes_one_rank_each_match_one_node(slurm_cluster, reference, tmp_path):  # noqa: F811
+def test_two_nodes_one_rank_each_match_one_node(slurm_cluster, reference, tmp_path):
     if len(slurm_cluster.nodes) < 2:
         pytest.skip("the local cluster has one node (start.sh --nodes 2 for two)")
     ref_job, ref_info, _ = reference
@@ -137,7 +137,7 @@ def test_two_nodes_one_rank_each_match_one_node(slurm_cluster, reference, tmp_pa
     assert [r["loss"] for r in recs] == [r["loss"] for r in ref]
 
 
-def test_scancel_checkpoints_and_is_not_requeued(slurm_cluster, tmp_path):  # noqa: F811
+def test_scancel_checkpoints_and_is_not_requeued(slurm_cluster, tmp_path):
     """SIGTERM also makes the trainer checkpoint and exit 124, but a cancelled job
     must stay cancelled (it used to requeue itself and train on)."""
     job = submit(slurm_cluster, tmp_path, "train-single-node.sbatch", "--ntasks=2")

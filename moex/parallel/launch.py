@@ -111,6 +111,11 @@ def expand_hostlist(hostlist: str) -> List[str]:
 
 
 # ---------------------------------------------------------------- helpers
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job: the same on every rank, different between concurrent jobs."""
+    return 20000 + job_id % 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -208,7 +213,7 @@ def detect_launch(env: Optional[Mapping[str, str]] = None,
         if "MASTER_PORT" in env:
             port = _int(env, "MASTER_PORT")
         else:  # same on every rank, different between concurrent jobs
-            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
+            port = slurm_master_port(_int(env, "SLURM_JOB_ID"))
         return LaunchInfo(_int(env, "SLURM_PROCID"),
                           _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                           _int(env, world_key), addr, port, "slurm")

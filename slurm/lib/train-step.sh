@@ -32,11 +32,12 @@ RUN_NAME="${MOEX_RUN_NAME:-$(basename "${RECIPE%.*}")}-${SLURM_JOB_ID}"
 first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 first_addr="$(scontrol show node "$first_node" -o 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')"
 export MASTER_ADDR="${MASTER_ADDR:-${first_addr:-$first_node}}"
-export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# MASTER_PORT: left to moex.parallel.launch (one home for the formula), which derives
+# the same port on every rank from SLURM_JOB_ID unless it is set here.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 echo "[moex] job ${SLURM_JOB_ID} restart=${SLURM_RESTART_COUNT:-0} nodes=${SLURM_JOB_NODELIST}" \
-     "tasks=${SLURM_NTASKS} master=${MASTER_ADDR}:${MASTER_PORT} run=${RUN_NAME} $(date -Is)"
+     "tasks=${SLURM_NTASKS} master=${MASTER_ADDR}:${MASTER_PORT:-<from job id>} run=${RUN_NAME} $(date -Is)"
 
 srun_pid=""
 got_term=0
