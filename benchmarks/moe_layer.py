@@ -61,7 +61,7 @@ from moex.models.mlp import DenseMLP  # noqa: E402
 from moex.models.moe import MoELayer  # noqa: E402
 from moex.ops import grouped_mm  # noqa: E402
 
-# (E, H, k, T, D); the first three are the reference rows.
+# (E, H, k, T, D); the first three are the reference rows of benchmarks/README.md.
 ROWS = [
     (8, 1024, 2, 8192, 512),
     (32, 256, 1, 8192, 512),
@@ -359,7 +359,7 @@ def main():
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": args.dtype, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "reps": args.reps,
-            "load_avg_start_end": None, "argv": sys.argv[1:]}
+            "argv": sys.argv[1:]}
     try:
         import deepspeed
 
