@@ -33,8 +33,17 @@ class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
     d_expert: int = 256  # hidden units per expert
-    activation: Literal["relu", "gelu"] = "relu"
+    # relu | gelu | relu2 (squared ReLU) | swiglu (three matrices: silu(x w1) * (x w3), then w2)
+    activation: Literal["relu", "gelu", "relu2", "swiglu"] = "relu"
+    # Shared experts (DeepSeek-MoE, Qwen2-MoE): dense experts every token passes through,
+    # added to the routed output; each has d_shared_expert hidden units (0 = d_expert).
+    num_shared_experts: int = 0
+    d_shared_expert: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE: scale the shared output by sigmoid(x . w_gate)
     router: str = "moex"  # a name in moex.routers.REGISTRY
+    # top-k with k > 1: renormalise the chosen probabilities to sum to 1 (Mixtral); False keeps
+    # the raw softmax probabilities (Qwen2-MoE and OLMoE's norm_topk_prob=False)
+    normalize_gates: bool = True
     # None = dropless (default). A float c caps each expert at ceil(c * T * k / E) tokens.
     capacity_factor: Optional[float] = None
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss alpha
@@ -67,7 +76,7 @@ class ModelConfig:
     ffn: Literal["dense", "moe", "monet", "peer"] = "moe"
     moe_every: int = 1  # layer i is sparse when i % moe_every == moe_every - 1
     d_ff: int = 512  # dense MLP hidden size
-    mlp_activation: Literal["relu", "gelu"] = "gelu"
+    mlp_activation: Literal["relu", "gelu", "relu2", "swiglu"] = "gelu"
     moe: MoEConfig = field(default_factory=MoEConfig)
     init_std: float = 0.02
     # Decoder options of the published families (docs/interop.md). The defaults are
@@ -309,6 +318,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.ep_size={cfg.parallel.ep_size}"
             )
+        if m.moe.num_shared_experts < 0 or m.moe.d_shared_expert < 0:
+            raise ConfigError("model.moe.num_shared_experts and model.moe.d_shared_expert must be >= 0")
+        if m.moe.shared_expert_gate and not m.moe.num_shared_experts:
+            raise ConfigError("model.moe.shared_expert_gate needs model.moe.num_shared_experts >= 1")
     if cfg.data.source in ("pgn", "text") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
 

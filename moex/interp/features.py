@@ -21,19 +21,19 @@ from torch import Tensor
 
 from moex.models.mlp import DenseMLP
 from moex.models.moe import MoELayer
-from moex.ops import grouped_mm, permute
+from moex.ops import permute
 
 
 def dense_features(mlp: DenseMLP, x_TD: Tensor) -> dict[str, Tensor]:
     pre = mlp.fc(x_TD)
-    return {"mlp.pre": pre, "mlp.post": mlp.act(pre)}
+    return {"mlp.pre": pre, "mlp.post": mlp.hidden(x_TD)}
 
 
 def moe_features(layer: MoELayer, x_TD: Tensor) -> dict[str, Tensor]:
     E, H = layer.cfg.num_experts, layer.cfg.d_expert
     r = layer.router(x_TD, layer.experts)
     x_AD, order_A, counts_E = permute(x_TD, r.token_A, r.expert_A, E)
-    h_AH = layer.experts.act(grouped_mm(x_AD, layer.experts.w1_EDH, counts_E))
+    h_AH = layer.experts.hidden(x_AD, counts_E)
     token_A, expert_A = r.token_A[order_A], r.expert_A[order_A]
     code_TF = x_TD.new_zeros(x_TD.shape[0], E * H)
     cols_AH = expert_A[:, None] * H + torch.arange(H, device=x_TD.device)

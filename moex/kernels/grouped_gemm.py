@@ -5,6 +5,9 @@ P row tiles (one program row per BLOCK_M rows of one expert).
 
 - ``gmm_rows(x_AK, b_EKN, counts_E)``: ``y[a] = x[a] @ b[e(a)]``. ``b`` is read through
   its strides, so ``gmm_rows(dy_AN, w_EKN.transpose(1, 2), counts_E)`` is the dx GEMM.
+- ``gmm_swiglu_rows(x_AK, w1_EKN, w3_EKN, counts_E)``: SwiGLU's first layer, both
+  projections in one pass over x and ``h = silu(x @ w1[e]) * (x @ w3[e])`` as the epilogue;
+  returns (pre, up, h) (backward reads pre and up).
 - ``gmm_wgrad(x_AK, dy_AN, counts_E)``: ``dw[e] = x[rows of e]^T @ dy[rows of e]``; empty
   experts get zeros.
 
@@ -70,6 +73,49 @@ def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_pt
         acc = _mma(acc, a, b, UPCAST, ALLOW_TF32)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gmm_swiglu_kernel(x_ptr, rows_ptr, w1_ptr, w3_ptr, pre_ptr, up_ptr, h_ptr, tile_expert_ptr, tile_row_ptr,
+                       tile_end_ptr, N, K, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GATHER: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """Both SwiGLU projections of a row tile in one pass over x, with the gating as epilogue:
+    pre = x @ w1[e], up = x @ w3[e], h = silu(pre) * up (w1 and w3 share strides)."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_p)
+    row0 = tl.load(tile_row_ptr + pid_p)
+    end = tl.load(tile_end_ptr + pid_p)
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < end
+    n_ok = rn < N
+    if GATHER:
+        src = tl.load(rows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = rm.to(tl.int64)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(x_ptr + src[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_off = e * stride_we + (k0 + rk)[:, None] * stride_wk + rn[None, :] * stride_wn
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        acc1 = _mma(acc1, a, tl.load(w1_ptr + w_off, mask=w_ok, other=0.0), UPCAST, ALLOW_TF32)
+        acc3 = _mma(acc3, a, tl.load(w3_ptr + w_off, mask=w_ok, other=0.0), UPCAST, ALLOW_TF32)
+    pre = acc1.to(pre_ptr.dtype.element_ty)
+    up = acc3.to(up_ptr.dtype.element_ty)
+    # the code from the rounded pre/up that backward reads, so forward and backward agree
+    pre32 = pre.to(tl.float32)
+    h = pre32 / (1.0 + tl.exp(-pre32)) * up.to(tl.float32)
+    out = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(pre_ptr + out, pre, mask=ok)
+    tl.store(up_ptr + out, up, mask=ok)
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -167,6 +213,26 @@ def gmm_rows(x_AK: Tensor, b_EKN: Tensor, counts_E: Tensor, *, rows: Tensor | No
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER=rows is not None,
                            **_flags(x_AK.dtype))
     return y_AN
+
+
+def gmm_swiglu_rows(x_AK: Tensor, w1_EKN: Tensor, w3_EKN: Tensor, counts_E: Tensor, *, rows: Tensor | None = None,
+                    block_m: int = 64, block_n: int = 64, block_k: int = 32) -> tuple[Tensor, Tensor, Tensor]:
+    """SwiGLU's first layer in one kernel: (pre, up, h) with pre = x @ w1[e], up = x @ w3[e] and
+    h = silu(pre) * up, for expert-sorted rows (``rows`` gathers x in the kernel as in :func:`gmm_rows`)."""
+    A, K = (rows.numel(), x_AK.shape[1]) if rows is not None else x_AK.shape
+    E, _, N = w1_EKN.shape
+    if w3_EKN.shape != w1_EKN.shape or w3_EKN.stride() != w1_EKN.stride():
+        raise ValueError(f"w1 {tuple(w1_EKN.shape)} and w3 {tuple(w3_EKN.shape)} must have equal shapes and strides")
+    pre_AN, up_AN, h_AN = (torch.empty(A, N, device=x_AK.device, dtype=x_AK.dtype) for _ in range(3))
+    if A == 0 or N == 0 or E == 0:
+        return pre_AN, up_AN, h_AN
+    tile_e, tile_row, tile_end = tile_schedule(counts_E.to(x_AK.device), A, block_m)
+    grid = (tile_e.numel(), triton.cdiv(N, block_n))
+    _gmm_swiglu_kernel[grid](x_AK, x_AK if rows is None else rows, w1_EKN, w3_EKN, pre_AN, up_AN, h_AN, tile_e,
+                             tile_row, tile_end, N, K, x_AK.stride(0), x_AK.stride(1), *w1_EKN.stride(),
+                             *pre_AN.stride(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             GATHER=rows is not None, **_flags(x_AK.dtype))
+    return pre_AN, up_AN, h_AN
 
 
 def gmm_wgrad(x_AK: Tensor, dy_AN: Tensor, counts_E: Tensor, *, x_rows: Tensor | None = None,

@@ -1,31 +1,35 @@
-"""Dense MLP baseline (GELU or ReLU); its hidden units are a feature source."""
+"""Dense MLP baseline (ReLU, GELU, squared ReLU or SwiGLU); its hidden units are a feature source."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moex.models.outputs import FFNOutput
-
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+from moex.ops import activations
 
 
 def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    """The elementwise function of a two-matrix activation (see :mod:`moex.ops.activations`)."""
+    a = activations.get(name)
+    if a.gated:
+        raise ValueError(f"activation {name!r} is gated (three matrices); this layer supports only "
+                         f"{sorted(n for n, v in activations.ACTIVATIONS.items() if not v.gated)}")
+    return a.fn
 
 
 class DenseMLP(nn.Module):
+    """``y = proj(code(x))`` with ``code = act(fc x)``, or ``silu(fc x) * up(x)`` for SwiGLU."""
+
     def __init__(self, d_model: int, d_ff: int, act: str = "gelu", *, bias: bool = False):
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias) if activations.get(act).gated else None
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
-        self.act_name, self.act = act, activation(act)
+        self.act_name, self.act = act, activations.get(act).fn
 
     def hidden(self, x: Tensor) -> Tensor:
-        """Post-activation hidden units (the dense model's features)."""
-        return self.act(self.fc(x))
+        """The hidden code (the dense model's features; SwiGLU: the gated units)."""
+        return activations.hidden_code(self.act_name, self.fc(x), None if self.up is None else self.up(x))
 
     def forward(self, x: Tensor) -> FFNOutput:
         h = self.hidden(x)

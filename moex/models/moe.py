@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from moex.config import MoEConfig
-from moex.models.mlp import activation
+from moex.models.mlp import DenseMLP
 from moex.models.outputs import FFNOutput
-from moex.ops import BACKENDS, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
+from moex.ops import BACKENDS, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 
 log = logging.getLogger(__name__)
@@ -32,29 +32,56 @@ _FUSED_IMPL: dict[tuple[str, str, torch.dtype], str | None] = {}  # decided (and
 
 
 class Experts(nn.Module):
-    """E two-layer MLPs stored as stacked weights: y = act(x @ w1_EDH[e]) @ w2_EHD[e]."""
+    """E expert MLPs as stacked weights: ``y = code(x) @ w2_EHD[e]`` with ``code = act(x @ w1_EDH[e])``,
+    or for SwiGLU ``silu(x @ w1_EDH[e]) * (x @ w3_EDH[e])`` (w1 = gate, w3 = up projection)."""
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int, act: str = "relu", std: float = 0.02):
         super().__init__()
         self.w1_EDH = nn.Parameter(torch.randn(num_experts, d_model, d_expert) * std)
         self.w2_EHD = nn.Parameter(torch.randn(num_experts, d_expert, d_model) * std)
-        self.act_name, self.act = act, activation(act)
+        gated = activations.get(act).gated
+        self.w3_EDH = nn.Parameter(torch.randn(num_experts, d_model, d_expert) * std) if gated else None
+        self.act_name, self.act = act, activations.get(act).fn
 
     @property
     def num_experts(self) -> int:
         return self.w1_EDH.shape[0]
 
+    def hidden(self, x_AD: Tensor, counts_E: Tensor, backend: str = "auto") -> Tensor:
+        """The hidden code h_AH of rows grouped by expert (:func:`moex.ops.activations.hidden_code`)."""
+        pre_AH = grouped_mm(x_AD, self.w1_EDH, counts_E, backend=backend)
+        up_AH = None if self.w3_EDH is None else grouped_mm(x_AD, self.w3_EDH, counts_E, backend=backend)
+        return activations.hidden_code(self.act_name, pre_AH, up_AH)
+
     def forward(self, x_AD: Tensor, counts_E: Tensor, backend: str = "auto", gate_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Rows of x_AD grouped by expert (counts_E). Returns (y_AD, hidden h_AH).
 
         With ``gate_A`` (one gate per row) the output is already gate-weighted:
-        ``y = (act(x @ w1) * gate) @ w2``. Folding the gate into the (A, H) hidden
+        ``y = (code * gate) @ w2``. Folding the gate into the (A, H) hidden
         layer is exact (the down-projection is linear) and H-wide instead of D-wide,
         and its gradient is a row-dot over H; ``h_AH`` is returned unweighted.
         """
-        h_AH = self.act(grouped_mm(x_AD, self.w1_EDH, counts_E, backend=backend))
+        h_AH = self.hidden(x_AD, counts_E, backend)
         hw_AH = h_AH if gate_A is None else h_AH * gate_A.to(h_AH.dtype).unsqueeze(-1)
         return grouped_mm(hw_AH, self.w2_EHD, counts_E, backend=backend), h_AH
+
+
+class SharedExperts(nn.Module):
+    """Dense experts every token passes through (DeepSeek-MoE, Qwen2-MoE), as one MLP.
+
+    N shared experts of H units each sum to one MLP with N*H units (their outputs are
+    added ungated), so they are stored as one :class:`DenseMLP`. With ``gate`` the output
+    is scaled per token by ``sigmoid(x . w_gate)`` (Qwen2-MoE's ``shared_expert_gate``).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, act: str, gate: bool):
+        super().__init__()
+        self.mlp = DenseMLP(d_model, d_hidden, act)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y_TD = self.mlp.proj(self.mlp.hidden(x_TD))
+        return y_TD if self.gate is None else torch.sigmoid(self.gate(x_TD)) * y_TD
 
 
 def capacity_mask(expert_sorted_A: Tensor, counts_E: Tensor, capacity: int) -> Tensor:
@@ -74,13 +101,19 @@ def routing_stats(r: RouterOutput, num_experts: int, num_tokens: int) -> dict[st
 
 
 class MoELayer(nn.Module):
-    """A sparse FFN. `forward(x)` accepts any leading shape (..., D) and returns FFNOutput."""
+    """A sparse FFN. `forward(x)` accepts any leading shape (..., D) and returns FFNOutput.
+
+    ``y = sum_k gate_k * expert_k(x)`` over the routed experts, plus the shared experts'
+    output when ``num_shared_experts > 0`` (``active_frac`` counts the routed code only).
+    """
 
     def __init__(self, d_model: int, cfg: MoEConfig, *, std: float = 0.02):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg.router, d_model=d_model, cfg=cfg)
         self.experts = Experts(cfg.num_experts, d_model, cfg.d_expert, cfg.activation, std)
+        d_shared = cfg.num_shared_experts * (cfg.d_shared_expert or cfg.d_expert)
+        self.shared = SharedExperts(d_model, d_shared, cfg.activation, cfg.shared_expert_gate) if d_shared else None
         # Expert-parallel dispatch is plugged in by moex.parallel (None = all experts local).
         self.dispatcher = None
 
@@ -102,12 +135,14 @@ class MoELayer(nn.Module):
         impl = self._fused_impl(x_TD) if self.dispatcher is None else None
         if impl is not None:  # gather, both GEMMs, gate and combine in one op
             y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
-                                    self.experts.act_name, impl=impl)
+                                    self.experts.act_name, w3_EDH=self.experts.w3_EDH, impl=impl)
         else:
             y_TD, h_SH = self._unfused(x_TD, token_S, gate_S, counts_E)
         # active hidden units per token / all E*H units (the wide sparse code)
         relu_code = impl is not None and self.experts.act_name == "relu"  # the op writes exact +0.0 when off
         stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu_code) / (T * E * self.cfg.d_expert)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
         return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
 
     def _unfused(self, x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:

@@ -147,6 +147,6 @@ def param_counts(model: GPT) -> dict[str, int]:
         if hasattr(m, "active_params"):
             active -= m.active_params()[0] - m.active_params()[1]
         elif m.__class__.__name__ == "MoELayer":
-            n = m.experts.w1_EDH.numel() + m.experts.w2_EHD.numel()
+            n = sum(p.numel() for p in m.experts.parameters())
             active -= n - n * m.cfg.top_k // m.cfg.num_experts
     return {"total": total, "active": active}

@@ -1,9 +1,12 @@
-"""MoE-X upcycling: start a MoE model from a trained dense ReLU model.
+"""MoE-X upcycling: start a MoE model from a trained dense model (ReLU for MoE-X).
 
 Shape key: D model dim, F dense hidden units (d_ff), E experts, H hidden units per expert.
 
 Everything but the FFNs (embeddings, attention, norms) is copied unchanged.
-Each sparse layer's experts come from the dense layer's fc (F x D) / proj (D x F):
+Each sparse layer's experts come from the dense layer's fc (F x D) / proj (D x F)
+(SwiGLU: also up (F x D), cut like fc); the dense activation must be the experts'
+(MoE-X: ReLU). Each scheme only regroups hidden units, so the identities below hold
+for every activation. Shared experts and routers start from a fresh init.
 
 - `copy`: every expert is the dense MLP (needs H = F), plus Gaussian noise of
   `noise` x the weight's std so experts can diverge. With noise 0 and gates
@@ -47,8 +50,10 @@ def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelC
         raise ValueError(f"unknown upcycling scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     if moe_cfg.ffn != "moe":
         raise ValueError(f"upcycling targets model.ffn=moe, got {moe_cfg.ffn!r}")
-    if dense_cfg.ffn != "dense" or dense_cfg.mlp_activation != "relu" or moe_cfg.moe.activation != "relu":
-        raise ValueError("upcycling needs a dense ReLU model (model.ffn=dense, mlp_activation=relu) and ReLU experts")
+    if dense_cfg.ffn != "dense" or dense_cfg.mlp_activation != moe_cfg.moe.activation:
+        raise ValueError(f"upcycling needs a dense model (model.ffn=dense) whose mlp_activation equals the experts' "
+                         f"model.moe.activation; got {dense_cfg.ffn} {dense_cfg.mlp_activation!r} -> "
+                         f"{moe_cfg.moe.activation!r} (MoE-X: relu)")
     for key in ("n_layer", "d_model", "n_head", "vocab_size", "pos_emb", "block_size", "tie_embeddings"):
         if getattr(dense_cfg, key) != getattr(moe_cfg, key):
             raise ValueError(f"model.{key} differs: dense {getattr(dense_cfg, key)} vs MoE {getattr(moe_cfg, key)}")
@@ -71,10 +76,10 @@ def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelC
         if ".experts." not in name:
             continue  # a router tensor: no dense counterpart, filled from a fresh init below
         prefix, _, leaf = name.rpartition(".experts.")
-        fc_FD = dense_state[prefix + ".fc.weight"]  # prefix = blocks.i.ffn
+        fc_FD = dense_state[prefix + (".up.weight" if leaf == "w3_EDH" else ".fc.weight")]  # prefix = blocks.i.ffn
         proj_DF = dense_state[prefix + ".proj.weight"]
         chunk_E = torch.arange(E) % r if scheme == "partition" else None
-        if leaf == "w1_EDH":
+        if leaf in ("w1_EDH", "w3_EDH"):  # SwiGLU's up projection (w3) is cut like its gate (w1)
             if scheme == "partition":
                 w = fc_FD.T.reshape(-1, r, H).transpose(0, 1)[chunk_E]
             else:

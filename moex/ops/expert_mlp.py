@@ -5,9 +5,10 @@ S assignment rows sorted by expert (``counts_E`` rows for each), n rows in one b
 
 ``expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act)`` computes
 
-    y_TD[t] = sum_{s: token_S[s] = t} gate_S[s] * act(x_TD[t] @ w1[e(s)]) @ w2[e(s)]
+    y_TD[t] = sum_{s: token_S[s] = t} gate_S[s] * code(x_TD[t]; e(s)) @ w2[e(s)]
 
-and returns it with the (S, H) post-activation hidden code. It is the CPU hot path
+with ``code = act(x @ w1[e])``, or ``silu(x @ w1[e]) * (x @ w3[e])`` for SwiGLU experts
+(``w3_EDH=``), and returns it with the (S, H) hidden code. It is the CPU hot path
 of the MoE layer (``gemm_backend=auto|fused``); the composition of
 :func:`moex.ops.grouped_mm` and the permutation ops is its reference
 (:func:`expert_mlp_reference`, tests/test_expert_mlp.py).
@@ -38,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moex.ops import activations
+
 __all__ = ["expert_mlp", "expert_mlp_reference", "count_active", "DEFAULT_BLOCK_ROWS"]
 
 DEFAULT_BLOCK_ROWS = 1024  # rows per block: (n, D) + 2 x (n, H) fp32 buffers stay in L2/L3
-ACTS = {"relu": F.relu, "gelu": F.gelu}
 
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -53,9 +55,8 @@ def count_active(h: Tensor, *, relu_code: bool = False) -> Tensor:
     Counts on the integer view of the bits: a float is > 0 exactly when its bit
     pattern, read as a signed int, is > 0 (-0.0 and negatives have the sign bit).
     ``clamp_min(0)`` + ``count_nonzero`` are vectorised on CPU where ``(h > 0).sum()``'s
-    bool reduction is not (4.6 ms vs 16 ms for 4M floats here). With
-    ``relu_code=True`` (a ReLU code from :func:`expert_mlp`, which writes +0.0 for
-    every inactive unit) the clamp is skipped too (1 ms).
+    bool reduction is not. With ``relu_code=True`` (a ReLU code from :func:`expert_mlp`,
+    which writes +0.0 for every inactive unit) the clamp is skipped too.
     """
     if h.element_size() not in _INT_VIEW or not h.is_contiguous() or not h.is_floating_point():
         return (h > 0).sum()
@@ -72,42 +73,29 @@ def _blocks(counts: list[int], block_rows: int):
         start += n
 
 
-def act_forward(act: str, pre: Tensor, out: Tensor | None = None) -> Tensor:
-    """The hidden code act(pre). ReLU runs in place on ``pre`` (threshold writes +0.0 for
-    -0.0 too, which :func:`count_active` relies on); GELU writes into ``out`` if given."""
-    if act == "relu":
-        return F.threshold_(pre, 0.0, 0.0)
-    return ACTS[act](pre) if out is None else out.copy_(ACTS[act](pre))
-
-
-def act_backward(act: str, g_nH: Tensor, saved_nH: Tensor) -> Tensor:
-    """Gradient through the activation; ``saved_nH`` is ReLU's output or GELU's input."""
-    if act == "relu":  # in place into g_nH: zero where the unit was off
-        return torch.ops.aten.threshold_backward.grad_input(g_nH, saved_nH, 0, grad_input=g_nH)
-    return torch.ops.aten.gelu_backward(g_nH, saved_nH)
-
-
 class _ExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_S, gate_S, w1_EDH, w2_EHD, counts, act, block_rows):
+    def forward(ctx, x_TD, token_S, gate_S, w1_EDH, w2_EHD, w3_EDH, counts, act, block_rows):
         T, D = x_TD.shape
         S, H = token_S.numel(), w1_EDH.shape[2]
         g_S1 = gate_S.to(x_TD.dtype).unsqueeze(-1)
         n_max = min(block_rows, max(counts, default=0))
         buf_nD, buf_nH = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, H)
         # ReLU's derivative is readable from its output, so only the output is kept;
-        # GELU keeps its input (saved_SH) and its output goes to a separate h_SH.
+        # other activations keep their input (saved_SH; SwiGLU also up_SH) and write the code to h_SH.
         saved_SH = x_TD.new_empty(S, H)
+        up_SH = x_TD.new_empty(S, H) if w3_EDH is not None else None
         h_SH = saved_SH if act == "relu" else x_TD.new_empty(S, H)
         y_TD = x_TD.new_zeros(T, D)
         for e, a, b, _ in _blocks(counts, block_rows):
             n, tok = b - a, token_S[a:b]
             x_nD = torch.index_select(x_TD, 0, tok, out=buf_nD[:n])
             pre_nH = torch.mm(x_nD, w1_EDH[e], out=saved_SH[a:b])
-            h_nH = act_forward(act, pre_nH, h_SH[a:b])
+            up_nH = None if up_SH is None else torch.mm(x_nD, w3_EDH[e], out=up_SH[a:b])
+            h_nH = activations.code_forward(act, pre_nH, h_SH[a:b], up_nH)
             hw_nH = torch.mul(h_nH, g_S1[a:b], out=buf_nH[:n])
             y_TD.index_add_(0, tok, torch.mm(hw_nH, w2_EHD[e], out=buf_nD[:n]))
-        ctx.save_for_backward(x_TD, token_S, gate_S, w1_EDH, w2_EHD, saved_SH)
+        ctx.save_for_backward(x_TD, token_S, gate_S, w1_EDH, w2_EHD, w3_EDH, saved_SH, up_SH)
         ctx.counts, ctx.act, ctx.block_rows = counts, act, block_rows
         ctx.mark_non_differentiable(h_SH)
         ctx.set_materialize_grads(False)  # h_SH has no gradient: skip an (S, H) zero fill
@@ -115,13 +103,13 @@ class _ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_TD, _g_h):
-        x_TD, token_S, gate_S, w1_EDH, w2_EHD, saved_SH = ctx.saved_tensors
+        x_TD, token_S, gate_S, w1_EDH, w2_EHD, w3_EDH, saved_SH, up_SH = ctx.saved_tensors
         act, counts = ctx.act, ctx.counts
-        need_x, _, need_gate, need_w1, need_w2 = ctx.needs_input_grad[:5]
+        need_x, _, need_gate, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:6]
         T, D = x_TD.shape
         H = w1_EDH.shape[2]
         if g_TD is None:  # no gradient reached y_TD (grads are not materialised, see forward)
-            return None, None, None, None, None, None, None, None
+            return (None,) * 9
         g_TD = g_TD.contiguous()
         g_S1 = gate_S.to(x_TD.dtype).unsqueeze(-1)
         n_max = min(ctx.block_rows, max(counts, default=0))
@@ -130,16 +118,18 @@ class _ExpertMLP(torch.autograd.Function):
         gx_TD = torch.zeros_like(x_TD) if need_x else None
         gw1 = torch.empty_like(w1_EDH) if need_w1 else None
         gw2 = torch.empty_like(w2_EHD) if need_w2 else None
+        gw3 = torch.empty_like(w3_EDH) if w3_EDH is not None and need_w3 else None
         ggate_S = torch.empty(token_S.numel(), dtype=x_TD.dtype, device=x_TD.device) if need_gate else None
         for e, n in enumerate(counts):  # an expert with no rows has zero weight gradients
             if n == 0:
-                for gw in (gw1, gw2):
+                for gw in (gw1, gw2, gw3):
                     if gw is not None:
                         gw[e].zero_()
         for e, a, b, first in _blocks(counts, ctx.block_rows):
             n, tok = b - a, token_S[a:b]
             saved_nH = saved_SH[a:b]
-            h_nH = saved_nH if act == "relu" else ACTS[act](saved_nH)
+            up_nH = None if up_SH is None else up_SH[a:b]
+            h_nH = activations.recompute_code(act, saved_nH, up_nH)
             gy = torch.index_select(g_TD, 0, tok, out=gy_nD[:n])
             ghw = torch.mm(gy, w2_EHD[e].t(), out=ghw_nH[:n])  # d(loss)/d(h * gate)
             if need_gate:
@@ -147,15 +137,21 @@ class _ExpertMLP(torch.autograd.Function):
             if need_w2:
                 hw = torch.mul(h_nH, g_S1[a:b], out=hw_nH[:n])
                 _mm_into(gw2[e], hw.t(), gy, first)
-            gpre = act_backward(act, ghw.mul_(g_S1[a:b]), saved_nH)
-            if need_w1:
+            gpre, gup = activations.code_backward(act, ghw.mul_(g_S1[a:b]), saved_nH, up_nH)
+            if need_w1 or gw3 is not None:
                 xb = torch.index_select(x_TD, 0, tok, out=x_nD[:n])  # gathered again, not saved
-                _mm_into(gw1[e], xb.t(), gpre, first)
+                if need_w1:
+                    _mm_into(gw1[e], xb.t(), gpre, first)
+                if gw3 is not None:
+                    _mm_into(gw3[e], xb.t(), gup, first)
             if need_x:
-                gx_TD.index_add_(0, tok, torch.mm(gpre, w1_EDH[e].t(), out=x_nD[:n]))
+                gx_nD = torch.mm(gpre, w1_EDH[e].t(), out=x_nD[:n])
+                if gup is not None:
+                    gx_nD.addmm_(gup, w3_EDH[e].t())
+                gx_TD.index_add_(0, tok, gx_nD)
         if ggate_S is not None:
             ggate_S = ggate_S.to(gate_S.dtype)
-        return gx_TD, None, ggate_S, gw1, gw2, None, None, None
+        return gx_TD, None, ggate_S, gw1, gw2, gw3, None, None, None
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
@@ -167,8 +163,8 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
 
 
 def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor, w2_EHD: Tensor,
-               act: str = "relu", *, impl: str = "blocked", block_rows: int = DEFAULT_BLOCK_ROWS
-               ) -> tuple[Tensor, Tensor]:
+               act: str = "relu", *, w3_EDH: Tensor | None = None, impl: str = "blocked",
+               block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[Tensor, Tensor]:
     """Gated expert MLPs over expert-sorted assignments, combined back onto tokens.
 
     Args:
@@ -176,19 +172,20 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
         token_S: int64 token of each assignment row, rows sorted by expert.
         gate_S: gate weight of each row.
         counts_E: rows per expert (sums to S); read once on the host.
-        w1_EDH, w2_EHD: the experts' up and down projections.
-        act: ``relu`` or ``gelu``.
+        w1_EDH, w2_EHD: the experts' first and down projections.
+        act: a name in :data:`moex.ops.activations.ACTIVATIONS` (``relu``, ``gelu``, ``relu2``,
+            ``swiglu``).
+        w3_EDH: the up projection of a gated activation (``swiglu``: code = silu(x w1) * (x w3)).
         impl: ``blocked`` (per-expert blocks of torch ops; any device) or ``triton``
             (``moex.ops.triton_gmm.triton_expert_mlp``: gathers fused into the Triton
             GEMMs; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         block_rows: rows per block of the ``blocked`` implementation.
 
     Returns:
-        ``(y_TD, h_SH)``: the combined output (differentiable in x, gates and both
-        weights) and the post-activation hidden code of every row (no grad).
+        ``(y_TD, h_SH)``: the combined output (differentiable in x, gates and the
+        weights) and the hidden code of every row (no grad; see :func:`moex.ops.activations.hidden_code`).
     """
-    if act not in ACTS:
-        raise ValueError(f"unknown activation {act!r}; valid: {sorted(ACTS)}")
+    _check_gated(act, w1_EDH, w3_EDH)
     if x_TD.dim() != 2 or w1_EDH.dim() != 3 or w2_EHD.dim() != 3:
         raise ValueError(f"expected x (T, D), w1 (E, D, H), w2 (E, H, D); got {tuple(x_TD.shape)}, "
                          f"{tuple(w1_EDH.shape)}, {tuple(w2_EHD.shape)}")
@@ -209,23 +206,34 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
         why = BACKENDS["triton"][1](x_TD.device, x_TD.dtype)
         if why is not None:
             raise BackendUnavailable(f"expert_mlp impl 'triton' unavailable: {why}")
-        return triton_expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act)
+        return triton_expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act, w3_EDH=w3_EDH)
     if impl != "blocked":
         raise ValueError(f"unknown expert_mlp impl {impl!r}; valid: ['blocked', 'triton']")
     counts = [int(c) for c in counts_E.tolist()]  # the block loop runs on the host
     if sum(counts) != token_S.numel():
         raise ValueError(f"counts_E sums to {sum(counts)} but token_S has {token_S.numel()} rows")
-    return _ExpertMLP.apply(x_TD.contiguous(), token_S, gate_S, w1_EDH.contiguous(), w2_EHD.contiguous(),
+    w3 = None if w3_EDH is None else w3_EDH.contiguous()
+    return _ExpertMLP.apply(x_TD.contiguous(), token_S, gate_S, w1_EDH.contiguous(), w2_EHD.contiguous(), w3,
                             counts, act, block_rows)
 
 
+def _check_gated(act: str, w1_EDH: Tensor, w3_EDH: Tensor | None) -> None:
+    gated = activations.get(act).gated
+    if gated != (w3_EDH is not None):
+        raise ValueError(f"activation {act!r} " + ("needs w3_EDH (gate and up projections)" if gated
+                                                    else "takes no w3_EDH (it is not gated)"))
+    if gated and (w3_EDH.shape != w1_EDH.shape or w3_EDH.dtype != w1_EDH.dtype):
+        raise ValueError(f"w3 {tuple(w3_EDH.shape)} {w3_EDH.dtype} must match w1 {tuple(w1_EDH.shape)} {w1_EDH.dtype}")
+
+
 def expert_mlp_reference(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor,
-                         w2_EHD: Tensor, act: str = "relu") -> tuple[Tensor, Tensor]:
+                         w2_EHD: Tensor, act: str = "relu", *, w3_EDH: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain composition: gather, loop grouped GEMMs, activation, gate, scatter-add."""
     from moex.ops.grouped_gemm import grouped_mm_reference
 
     x_SD = x_TD.index_select(0, token_S)
-    h_SH = ACTS[act](grouped_mm_reference(x_SD, w1_EDH, counts_E))
+    up_SH = None if w3_EDH is None else grouped_mm_reference(x_SD, w3_EDH, counts_E)
+    h_SH = activations.hidden_code(act, grouped_mm_reference(x_SD, w1_EDH, counts_E), up_SH)
     y_SD = grouped_mm_reference(h_SH * gate_S.to(h_SH.dtype).unsqueeze(-1), w2_EHD, counts_E)
     y_TD = y_SD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD)
     return y_TD, h_SH.detach()

@@ -65,14 +65,15 @@ class ShardedExperts(Experts, _DeepSpeedMoE):
         self.global_experts, self.local_experts, self.expert_offset = E, El, ep_rank * El
         lo, hi = ep_rank * El, (ep_rank + 1) * El
         # Keep the Parameter objects (they may already carry DeepSpeed's MoE marks).
-        self.w1_EDH, self.w2_EHD = full.w1_EDH, full.w2_EHD
+        self.w1_EDH, self.w2_EHD, self.w3_EDH = full.w1_EDH, full.w2_EHD, full.w3_EDH
+        weights = [p for p in (self.w1_EDH, self.w2_EHD, self.w3_EDH) if p is not None]
         with torch.no_grad():
-            self.w1_EDH.data = full.w1_EDH.data[lo:hi].clone()
-            self.w2_EHD.data = full.w2_EHD.data[lo:hi].clone()
+            for p in weights:
+                p.data = p.data[lo:hi].clone()
         self.act_name, self.act = full.act_name, full.act
         self.ep_size, self.expert_group_name = ep_size, ep_group_name(ep_size)
         self.num_local_experts = 0  # DeepSpeed per-expert files: none (see class docstring)
-        for p in (self.w1_EDH, self.w2_EHD):
+        for p in weights:
             p.allreduce, p.group_name = False, self.expert_group_name
 
     @property

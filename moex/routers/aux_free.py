@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moex.routers.base import RouterOutput, token_choice
+from moex.routers.base import RouterOutput, fp32_logits, token_choice
 from moex.routers.registry import register
 
 
@@ -36,7 +36,7 @@ class AuxFreeRouter(nn.Module):
         self.register_buffer("load_E", torch.zeros(self.E), persistent=False)  # this step's assignments
 
     def forward(self, x_TD: Tensor, experts=None) -> RouterOutput:
-        s_TE = torch.sigmoid(self.gate(x_TD).float())
+        s_TE = torch.sigmoid(fp32_logits(x_TD, self.gate.weight))
         _, expert_TK = (s_TE + self.bias_E.float()).topk(self.k, dim=-1)
         s_TK = s_TE.gather(-1, expert_TK)
         gate_TK = s_TK / s_TK.sum(-1, keepdim=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -33,3 +34,14 @@ def token_choice(expert_TK: Tensor, gate_TK: Tensor, probs_TE: Tensor, aux_losse
     T, K = expert_TK.shape
     token_A = torch.arange(T, device=expert_TK.device).repeat_interleave(K)
     return RouterOutput(token_A, expert_TK.reshape(-1), gate_TK.reshape(-1), probs_TE, aux_losses or {})
+
+
+def fp32_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """Router logits ``x @ w^T`` computed in fp32 whatever the training dtype.
+
+    Input and weight are cast to fp32 *before* the matmul, with autocast off (as HF Switch
+    and DeepSpeed do): a bf16 GEMM flips near-tied top-k choices against the fp32 result.
+    Gradients flow back to both in their own dtypes.
+    """
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        return F.linear(x_TD.float(), weight_ED.float())

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moex.routers.base import RouterOutput, token_choice
+from moex.routers.base import RouterOutput, fp32_logits, token_choice
 from moex.routers.registry import register
 from moex.routers.topk import z_loss
 
@@ -40,7 +40,7 @@ class ExpertChoiceRouter(nn.Module):
         self.gate = nn.Linear(d_model, self.E, bias=False)
 
     def forward(self, x_TD: Tensor, experts=None) -> RouterOutput:
-        logits_TE = self.gate(x_TD).float()
+        logits_TE = fp32_logits(x_TD, self.gate.weight)
         probs_TE = logits_TE.softmax(-1)
         aux = {"z": self.z_coef * z_loss(logits_TE)} if self.z_coef and self.training else {}
         if not self.training:  # causal fallback: token-choice top-k on the same scores

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moex.routers.base import RouterOutput, token_choice
+from moex.routers.base import RouterOutput, fp32_logits, token_choice
 from moex.routers.registry import register
 
 
@@ -27,7 +27,7 @@ class HashRouter(nn.Module):
         self.register_buffer("proj_DE", torch.randn(d_model, self.E) / d_model**0.5)
 
     def forward(self, x_TD: Tensor, experts=None) -> RouterOutput:
-        logits_TE = x_TD.detach().float() @ self.proj_DE.float()
+        logits_TE = fp32_logits(x_TD.detach(), self.proj_DE.T)
         expert_TK = logits_TE.topk(self.k, dim=-1).indices
         gate_TK = torch.full(expert_TK.shape, 1.0 / self.k, dtype=x_TD.dtype, device=x_TD.device)
         return token_choice(expert_TK, gate_TK, logits_TE.softmax(-1), {})

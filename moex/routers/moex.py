@@ -27,12 +27,13 @@ from moex.routers.topk import switch_balance_loss
 
 def sparsity_logits(x_TD: Tensor, w1_EDH: Tensor, eps: float = 1e-6) -> Tensor:
     """-erf(mu/(sqrt2 sigma)) per token and expert: the MoE-X gate logits (T, E)."""
-    mu_ED = w1_EDH.mean(-1)
-    var_ED = w1_EDH.var(-1, unbiased=False)
-    x = x_TD.float()
-    mu_TE = x @ mu_ED.float().T
-    sigma_TE = ((x * x) @ var_ED.float().T).clamp_min(eps).sqrt()
-    return -torch.erf(mu_TE / (math.sqrt(2.0) * sigma_TE))
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32, as every router's logits
+        mu_ED = w1_EDH.float().mean(-1)
+        var_ED = w1_EDH.float().var(-1, unbiased=False)
+        x = x_TD.float()
+        mu_TE = x @ mu_ED.T
+        sigma_TE = ((x * x) @ var_ED.T).clamp_min(eps).sqrt()
+        return -torch.erf(mu_TE / (math.sqrt(2.0) * sigma_TE))
 
 
 @register("moex")

@@ -6,7 +6,7 @@ import torch
 
 from moex.config import Config, OptimConfig
 
-EXPERT_PARAM_SUFFIXES = ("w1_EDH", "w2_EHD")
+EXPERT_PARAM_SUFFIXES = ("w1_EDH", "w2_EHD", "w3_EDH")
 
 
 def expert_group_name(ep_size: int) -> str:
