@@ -46,6 +46,10 @@ class MoEConfig:
     normalize_gates: bool = True
     # None = dropless (default). A float c caps each expert at ceil(c * T * k / E) tokens.
     capacity_factor: Optional[float] = None
+    # Which assignments a capped expert keeps (moex.routers.capacity): gshard = all first
+    # choices before any second choice, surviving gates renormalised; token_order = as listed.
+    capacity_policy: Literal["gshard", "token_order"] = "gshard"
+    capacity_per_sequence: bool = False  # T above = one sequence's tokens (HF Switch's expert_capacity)
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss alpha
     z_loss_coef: float = 1e-3  # router z-loss
     # auto: the fused expert MLP on CPU (moex.ops.expert_mlp), grouped GEMMs on CUDA;

@@ -100,6 +100,17 @@ def test_hf_switch_dropless(backend):
     assert_same("switch", peer, ours, tokens())
 
 
+@pytest.mark.parametrize("backend", ["fused", "loop"])
+def test_hf_switch_capacity_per_sequence(backend):
+    """expert_capacity=2 per sequence of 8 tokens over 4 experts: ceil(cf * 8 / 4) = 2 at cf = 1."""
+    config, peer = hf_block("switch", expert_capacity=2)
+    ours = moex_layer("switch", peer, backend, **moe_config_kwargs(config), capacity_factor=1.0,
+                      capacity_per_sequence=True)
+    x = tokens()
+    assert ours(x).stats["dropped_frac"] > 0.2  # the cut bites
+    assert_same("switch", peer, ours, x)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "switch"])
 def test_state_round_trip(family):
     config, peer = hf_block(family)
@@ -167,3 +178,20 @@ def test_deepspeed_moe_dropless(one_process_group, k):
     ours = moex_layer("deepspeed", peer, "fused", router="topk", num_experts=4, top_k=k, d_expert=6,
                       activation="relu", aux_loss_coef=0.0, z_loss_coef=0.0)
     assert_same("deepspeed", peer, ours, tokens(), peer_out=lambda o: o[0])
+
+
+@pytest.mark.parametrize("backend", ["fused", "loop"])
+def test_deepspeed_moe_capacity_gshard(one_process_group, backend):
+    """k = 2, drop_tokens=True: first choices before second, gates renormalised over survivors.
+    DeepSpeed's C = ceil(T / E * cf * 2) (min_capacity 0) equals moex's ceil(cf * T * k / E) here.
+    (Its top-1 gate picks survivors by torch.topk over a 0/1 mask, whose tie order is
+    unspecified; k = 1 with capacity is compared against HF Switch above.)"""
+    k = 2
+    cf = 0.75
+    peer = deepspeed_moe(k, drop_tokens=True, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=0)
+    ours = moex_layer("deepspeed", peer, backend, router="topk", num_experts=4, top_k=k, d_expert=6,
+                      activation="relu", aux_loss_coef=0.0, z_loss_coef=0.0, capacity_factor=cf,
+                      capacity_policy="gshard")
+    x = tokens()
+    assert ours(x).stats["dropped_frac"] > 0.1  # the cut bites
+    assert_same("deepspeed", peer, ours, x, peer_out=lambda o: o[0])

@@ -9,14 +9,14 @@ backend, combine (the CUDA default and the expert-parallel path); see
 docs/architecture.md. Dropless by default: every assignment is computed, grouped
 by expert, with no padding and no T x E x C dispatch tensor (memory O(A*D + E*D*H);
 O(A*H + T*D + E*D*H) on the fused path, which does not keep gathered rows). With
-`capacity_factor` set, each expert keeps its first C = ceil(cf * T * K / E)
-assignments in token order and the rest are dropped (counted in the stats).
+`capacity_factor` set, each expert keeps at most C = ceil(cf * T * K / E) assignments
+(per sequence with ``capacity_per_sequence``), chosen by ``capacity_policy``
+(moex.routers.capacity; gshard by default), and the rest are dropped (counted in the stats).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from moex.models.mlp import DenseMLP
 from moex.models.outputs import FFNOutput
 from moex.ops import BACKENDS, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
+from moex.routers.capacity import expert_capacity, keep_within_capacity, renormalise_survivors
 
 log = logging.getLogger(__name__)
 _FUSED_IMPL: dict[tuple[str, str, torch.dtype], str | None] = {}  # decided (and logged) once per key
@@ -84,13 +85,6 @@ class SharedExperts(nn.Module):
         return y_TD if self.gate is None else torch.sigmoid(self.gate(x_TD)) * y_TD
 
 
-def capacity_mask(expert_sorted_A: Tensor, counts_E: Tensor, capacity: int) -> Tensor:
-    """Keep the first `capacity` assignments of each expert (assignments sorted by expert)."""
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_A = torch.arange(expert_sorted_A.numel(), device=expert_sorted_A.device) - starts_E[expert_sorted_A]
-    return pos_A < capacity
-
-
 def routing_stats(r: RouterOutput, num_experts: int, num_tokens: int) -> dict[str, Tensor]:
     with torch.no_grad():
         p = r.probs_TE.float()
@@ -123,15 +117,16 @@ class MoELayer(nn.Module):
         T, E = x_TD.shape[0], self.cfg.num_experts
         r = self.router(x_TD, self.experts)
         stats = routing_stats(r, E, T)
-        # One stable sort by expert; the capacity cut (if any) reuses it. S = kept rows.
-        order_S, counts_E = sort_by_expert(r.expert_A, E)
-        if self.cfg.capacity_factor is not None:
-            order_S, counts_E, dropped = self._apply_capacity(order_S, counts_E, r.expert_A, T)
-            stats["dropped_frac"] = torch.tensor(dropped / max(1, r.expert_A.numel()))
+        # One stable sort by expert (with a capacity cut, by expert and priority). S = kept rows.
+        if self.cfg.capacity_factor is None:
+            order_S, counts_E = sort_by_expert(r.expert_A, E)
         else:
-            stats["dropped_frac"] = torch.zeros(())
+            order_S, counts_E = self._within_capacity(r, T, shape)
+        stats["dropped_frac"] = torch.tensor((r.expert_A.numel() - order_S.numel()) / max(1, r.expert_A.numel()))
         token_S = r.token_A.index_select(0, order_S)
         gate_S = r.gate_A.index_select(0, order_S)
+        if self.cfg.capacity_factor is not None and self.cfg.capacity_policy == "gshard":
+            gate_S = renormalise_survivors(gate_S, token_S, r.gate_A, r.token_A, T)
         impl = self._fused_impl(x_TD) if self.dispatcher is None else None
         if impl is not None:  # gather, both GEMMs, gate and combine in one op
             y_TD, h_SH = expert_mlp(x_TD, token_S, gate_S, counts_E, self.experts.w1_EDH, self.experts.w2_EHD,
@@ -181,10 +176,11 @@ class MoELayer(nn.Module):
         """The grouped_mm backend of the unfused path (``fused`` falls back to ``auto`` under EP dispatch)."""
         return "auto" if self.cfg.gemm_backend == "fused" else self.cfg.gemm_backend
 
-    def _apply_capacity(self, order_A: Tensor, counts_E: Tensor, expert_A: Tensor, T: int):
-        """Keep each expert's first C assignments (in assignment order) of the already sorted order."""
-        E, k = self.cfg.num_experts, self.cfg.top_k
-        capacity = math.ceil(self.cfg.capacity_factor * T * k / E)
-        keep_S = capacity_mask(expert_A.index_select(0, order_A), counts_E, capacity)
-        kept = order_A[keep_S]
-        return kept, counts_E.clamp_max(capacity), order_A.numel() - kept.numel()
+    def _within_capacity(self, r: RouterOutput, T: int, shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """Kept assignments sorted by expert under ``capacity_policy`` (moex.routers.capacity)."""
+        c = self.cfg
+        per_seq = c.capacity_per_sequence and len(shape) >= 3
+        n = shape[-2] if per_seq else T  # tokens per capacity group
+        C = expert_capacity(c.capacity_factor, n, c.top_k, c.num_experts)
+        return keep_within_capacity(r.expert_A, r.token_A, r.choice_A, c.num_experts, T, C,
+                                    policy=c.capacity_policy, group_size=n if per_seq else None)

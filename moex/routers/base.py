@@ -27,13 +27,17 @@ class RouterOutput:
     gate_A: Tensor  # (A,) float, combine weight (differentiable)
     probs_TE: Tensor  # (T, E) the router's distribution over experts (for entropy stats)
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already scaled by their coefficients
+    # (A,) rank of each assignment among its token's choices (0 = first); None = no ranks
+    # (expert choice). The gshard capacity policy serves all first choices first.
+    choice_A: Tensor | None = None
 
 
 def token_choice(expert_TK: Tensor, gate_TK: Tensor, probs_TE: Tensor, aux_losses: dict | None = None) -> RouterOutput:
     """Flatten a (T, K) top-k choice into assignments."""
     T, K = expert_TK.shape
     token_A = torch.arange(T, device=expert_TK.device).repeat_interleave(K)
-    return RouterOutput(token_A, expert_TK.reshape(-1), gate_TK.reshape(-1), probs_TE, aux_losses or {})
+    choice_A = torch.arange(K, device=expert_TK.device).repeat(T)
+    return RouterOutput(token_A, expert_TK.reshape(-1), gate_TK.reshape(-1), probs_TE, aux_losses or {}, choice_A)
 
 
 def fp32_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:

@@ -16,12 +16,12 @@ of an expert-choice model in this framework mean. See docs/routers.md.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
 from moex.routers.base import RouterOutput, fp32_logits, token_choice
+from moex.routers.capacity import expert_capacity as capacity_formula
 from moex.routers.registry import register
 from moex.routers.topk import z_loss
 
@@ -29,7 +29,7 @@ from moex.routers.topk import z_loss
 def expert_capacity(T: int, k: int, E: int, capacity_factor: float | None) -> int:
     """Tokens each expert takes: min(T, ceil(cf * T * k / E)), cf = 1.0 when None."""
     cf = 1.0 if capacity_factor is None else capacity_factor
-    return max(1, min(T, math.ceil(cf * T * k / E)))
+    return max(1, min(T, capacity_formula(cf, T, k, E)))
 
 
 @register("expert_choice")
