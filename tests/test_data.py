@@ -79,6 +79,18 @@ def test_read_pgn_skips_comments_variations_results(tmp_path):
     assert read_pgn(pgn, max_games=1) == [";1.e4 e5 2.Bc4 Nc6 3.Qh5 Nf6 4.Qxf7#"]
 
 
+def test_read_pgn_cache_equals_parse_and_follows_the_file(tmp_path):
+    pgn, cache = tmp_path / "g.pgn", tmp_path / "cache"
+    pgn.write_text(SCHOLARS_MATE_PGN + '\n[Event "B"]\n[Result "*"]\n\n1. d4 d5 2. c4 e6 *\n')
+    fresh = read_pgn(pgn, max_chars=12)
+    assert read_pgn(pgn, max_chars=12, cache_dir=cache) == fresh  # first call parses and writes the cache
+    assert len(list(cache.iterdir())) == 1
+    assert read_pgn(pgn, max_chars=12, cache_dir=cache) == fresh  # second call reads it
+    assert read_pgn(pgn, max_games=1, cache_dir=cache) == read_pgn(pgn, max_games=1)  # other arguments: own entry
+    pgn.write_text(SCHOLARS_MATE_PGN)  # a changed file is parsed again
+    assert read_pgn(pgn, max_chars=12, cache_dir=cache) == read_pgn(pgn, max_chars=12)
+
+
 def test_corrupt_pgn_names_file_and_line(tmp_path):
     good = '[Event "ok"]\n[Result "*"]\n\n1. e4 e5 *\n\n'
     bad = '[Event "bad"]\n[Result "*"]\n\n1. e4 e5 2. Ke3 Nc6 *\n\n'  # Ke3 is illegal

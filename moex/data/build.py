@@ -45,7 +45,7 @@ def load_documents(cfg: DataConfig, *, progress: bool = False) -> tuple[list[str
         )
         return split_games(games, cfg.val_fraction, cfg.seed)
     if cfg.source == "pgn":
-        games = read_pgn(resolve_path(cfg, cfg.path), cfg.num_games, cfg.max_game_chars)
+        games = read_pgn(resolve_path(cfg, cfg.path), cfg.num_games, cfg.max_game_chars, cache_dir=cfg.cache_dir)
         return split_games(games, cfg.val_fraction, cfg.seed)
     if cfg.source == "text":
         docs = load_text_documents(cfg, cfg.path)

@@ -7,7 +7,10 @@ result, no comments; truncated to `max_chars` characters (0 = no limit).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
+import os
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -133,9 +136,30 @@ def iter_pgn(path: str | Path, max_games: int = 0, max_chars: int = 0) -> Iterat
             count += 1
 
 
-def read_pgn(path: str | Path, max_games: int = 0, max_chars: int = 0) -> list[str]:
-    """The games of a PGN file as move strings; see `iter_pgn`."""
-    return list(iter_pgn(path, max_games, max_chars))
+def read_pgn(path: str | Path, max_games: int = 0, max_chars: int = 0, *, cache_dir: str | Path | None = None
+             ) -> list[str]:
+    """The games of a PGN file as move strings; see `iter_pgn`.
+
+    With `cache_dir`, the parsed strings are kept in a file keyed by the PGN's path,
+    size and mtime and the arguments, so a second read (eval, interpret, another
+    run on the same games) skips replaying every move with python-chess.
+    """
+    if cache_dir is None:
+        return list(iter_pgn(path, max_games, max_chars))
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"PGN file not found: {path}")
+    st = path.stat()
+    key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, max_games, max_chars]).encode())
+    cached = Path(cache_dir) / f"pgn-games-{key.hexdigest()[:20]}.txt"
+    if cached.is_file():
+        return cached.read_text().split("\n")[:-1]
+    games = list(iter_pgn(path, max_games, max_chars))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(g + "\n" for g in games))  # game strings hold no newline
+    os.replace(tmp, cached)  # atomic: a reader sees the whole file or none
+    return games
 
 
 # --------------------------------------------------------------------------- random games

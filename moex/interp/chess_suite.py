@@ -39,7 +39,7 @@ def eval_games(cfg, *, pgn: str | None, n_games: int) -> tuple[list[str], str]:
     else:
         path = pgn or "chess/games.pgn"
         resolved = resolve_path(cfg.data, path)
-        games, origin = read_pgn(resolved, max_games=n_games), str(resolved)
+        games, origin = read_pgn(resolved, max_games=n_games, cache_dir=cfg.data.cache_dir), str(resolved)
     games = [g[:MAX_CHARS] for g in games[:n_games]]
     if len(games) < 4:
         raise ValueError(f"need at least 4 evaluation games, got {len(games)} from {origin}")
