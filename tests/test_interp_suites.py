@@ -52,7 +52,16 @@ def test_chess_suite_report(tmp_path):
     for r in rep["sources"].values():
         assert 0 <= r["coverage"]["score"] <= 1 and r["coverage"]["properties"] == 768
         assert 0 <= r["reconstruction"]["score"] <= 1
-    assert (tmp_path / "rep/report.md").read_text().count("| L") == 4 and (tmp_path / "rep/chess_scores.png").exists()
+    assert set(rep["probe"]) == {"L0.resid", "L1.resid"} and set(rep["ksparse"]) == set(rep["sources"])
+    for r in rep["probe"].values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["majority_baseline"] <= 1 and r["dim"] == 32
+    assert rep["ksparse"]["L1.moe.code"]["piece_masked"]["properties"] == 768
+    md = (tmp_path / "rep/report.md").read_text()
+    assert md.count("| L0.resid |") == 1 and "k-sparse probing" in md and (tmp_path / "rep/chess_scores.png").exists()
+    moex("interpret", "runs/chess-tiny", "--suite", "chess", "--pgn", str(tmp_path / "eval.pgn"), "--games", "12",
+         "--no-probes", "--out", "rep2", cwd=tmp_path)
+    rep2 = json.loads((tmp_path / "rep2/report.json").read_text())
+    assert "probe" not in rep2 and "ksparse" not in rep2 and rep2["sources"].keys() == rep["sources"].keys()
 
 
 @pytest.mark.skipif(not UD.exists(), reason="shared UD data not present")
@@ -70,3 +79,5 @@ def test_text_suite_report(tmp_path):
     mi = rep["routing"]["L1.moe.gates"]["mutual_information"]
     assert 0 <= mi["mi_bits"] <= mi["tag_entropy_bits"] + 1e-9
     assert (tmp_path / "rep/routing_L1.moe.gates.png").exists() and (tmp_path / "rep/features.md").exists()
+    ks = rep["ksparse"]["L1.moe.code"]
+    assert ks["properties"] == 17 and all(v is None or 0 <= v <= 1 for v in ks["f1"].values())

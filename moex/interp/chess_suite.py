@@ -12,6 +12,8 @@ Q properties.
    the held-out set for reconstruction.
 3. Features of every source are streamed at the probed positions into
    `.npy` memmaps on disk, then scored one source at a time.
+4. Unless `probes=False`: a linear board probe of each layer's residual stream
+   and k-sparse probing of each feature source (moex.interp.chess_probes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moex.interp import board, bsp
+from moex.interp import board, bsp, chess_probes
 from moex.interp.features import iter_positions
 
 MAX_CHARS = 256
@@ -59,7 +61,8 @@ def encode_games(games: list[str], tokenizer) -> torch.Tensor:
     return out
 
 
-def extract(model, seqs_GT, game_P, pos_P, out_dir: Path, *, batch_size: int, extra=None) -> dict[str, Path]:
+def extract(model, seqs_GT, game_P, pos_P, out_dir: Path, *, batch_size: int, extra=None,
+            resid: bool = False) -> dict[str, Path]:
     """Features at (game, pos) pairs for every source, written to out_dir/<source>.npy."""
     mask_GT = torch.zeros(seqs_GT.shape, dtype=torch.bool)
     mask_GT[torch.as_tensor(game_P), torch.as_tensor(pos_P)] = True
@@ -68,7 +71,7 @@ def extract(model, seqs_GT, game_P, pos_P, out_dir: Path, *, batch_size: int, ex
     arrays: dict[str, np.ndarray] = {}
     row = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    for feats in iter_positions(model, seqs_GT, mask_GT, batch_size=batch_size):
+    for feats in iter_positions(model, seqs_GT, mask_GT, batch_size=batch_size, resid=resid):
         if extra is not None:
             feats.update(extra(feats))
         n = next(iter(feats.values())).shape[0]
@@ -85,8 +88,9 @@ def extract(model, seqs_GT, game_P, pos_P, out_dir: Path, *, batch_size: int, ex
 
 
 def run(loaded, *, out_dir: Path, pgn: str | None = None, n_games: int = 1000, batch_size: int = 32,
-        sae_extra=None, progress: bool = True) -> dict:
-    """Coverage and reconstruction for every feature source of a loaded model."""
+        sae_extra=None, progress: bool = True, probes: bool = True) -> dict:
+    """Coverage and reconstruction for every feature source of a loaded model; with `probes`,
+    residual-stream board probes (`probe`) and k-sparse probing per source (`ksparse`)."""
     from moex.data import load_tokenizer
 
     games, origin = eval_games(loaded.cfg, pgn=pgn, n_games=n_games)
@@ -96,10 +100,11 @@ def run(loaded, *, out_dir: Path, pgn: str | None = None, n_games: int = 1000, b
     order = np.lexsort((pos_P, game_P))  # row-major (game, pos), matching the feature rows
     game_P, pos_P, labels_PQ = game_P[order], pos_P[order], labels_PQ[order]
     head = slices[HEADLINE]
-    files = extract(loaded.model, seqs_GT, game_P, pos_P, out_dir / "acts", batch_size=batch_size, extra=sae_extra)
+    files = extract(loaded.model, seqs_GT, game_P, pos_P, out_dir / "acts", batch_size=batch_size, extra=sae_extra,
+                    resid=probes)
     split = len(games) // 2
     train_P, test_P = game_P < split, game_P >= split
-    results = {}
+    results, probe_res, ksparse_res = {}, {}, {}
     sources = list(files)
     if progress:
         from tqdm import tqdm
@@ -108,10 +113,18 @@ def run(loaded, *, out_dir: Path, pgn: str | None = None, n_games: int = 1000, b
     for name in sources:
         acts_PF = np.load(files[name], mmap_mode="r")
         a_tr, a_te = np.asarray(acts_PF[train_P]), np.asarray(acts_PF[test_P])
+        if name.endswith(".resid"):  # the residual stream is probed, not scored as features
+            probe_res[name] = chess_probes.board_probe(a_tr, a_te, labels_PQ[train_P], labels_PQ[test_P], slices)
+            continue
+        if probes:
+            ksparse_res[name] = chess_probes.ksparse_scores(a_tr, a_te, labels_PQ[train_P], labels_PQ[test_P], slices)
         cov = bsp.coverage(a_tr, labels_PQ[train_P][:, head])
         rec = bsp.reconstruction(a_tr, labels_PQ[train_P][:, head], a_te, labels_PQ[test_P][:, head])
         groups = bsp.coverage(a_tr, labels_PQ[train_P], groups=slices)["groups"]
         results[name] = {"features": int(acts_PF.shape[1]), "coverage": cov, "reconstruction": rec,
                          "coverage_by_group": groups}
-    return {"games": len(games), "games_from": origin, "positions": int(len(game_P)),
-            "label_games": split, "heldout_games": len(games) - split, "sources": results}
+    out = {"games": len(games), "games_from": origin, "positions": int(len(game_P)),
+           "label_games": split, "heldout_games": len(games) - split, "sources": results}
+    if probes:
+        out.update(probe=probe_res, ksparse=ksparse_res)
+    return out

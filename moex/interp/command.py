@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--games", type=int, default=1000, help="chess: number of evaluation games")
     p.add_argument("--conllu", help="text: UD treebank for POS probing (default ud-english-ewt dev under the data root)")
     p.add_argument("--sentences", type=int, default=600, help="text: number of UD sentences")
+    p.add_argument("--no-probes", action="store_true",
+                   help="skip the linear board probes (chess) and k-sparse probing (both suites)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
@@ -42,12 +44,12 @@ def run(args) -> int:
         from moex.interp import chess_suite
 
         res = chess_suite.run(loaded, out_dir=out, pgn=args.pgn, n_games=args.games, batch_size=args.batch_size,
-                              sae_extra=extra)
+                              sae_extra=extra, probes=not args.no_probes)
     else:
         from moex.interp import text_suite
 
         res = text_suite.run(loaded, out_dir=out, conllu=args.conllu, max_sentences=args.sentences,
-                             batch_size=args.batch_size, sae_extra=extra)
+                             batch_size=args.batch_size, sae_extra=extra, probes=not args.no_probes)
     res.update({"checkpoint": str(loaded.ckpt_dir), "step": loaded.step, "suite": args.suite})
     (out / "report.json").write_text(json.dumps(res, indent=2))
     md = report.markdown(res)

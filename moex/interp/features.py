@@ -10,6 +10,9 @@ Per layer (names `L{i}.<source>`):
   was not routed to; and `moe.gates` — the combine weight per expert (E features);
 - any other FFN exposing `interp_features(x) -> {name: (..., F)}` (Monet, PEER).
 SAE latents are added by `moex.interp.sae` on top of a dense source.
+
+On request (`resid=True`), `L{i}.resid` is the residual stream after block i
+(D features): what the linear board probes read, not a sparse-feature source.
 """
 
 from __future__ import annotations
@@ -53,14 +56,25 @@ def layer_features(ffn: torch.nn.Module, x_TD: Tensor) -> dict[str, Tensor]:
     raise TypeError(f"no feature source for FFN type {type(ffn).__name__}")
 
 
+RESID = "resid"
+
+
 @torch.no_grad()
-def collect(model, idx_BT: Tensor, select: Callable[[str], bool] = lambda name: True) -> dict[str, Tensor]:
-    """Run the model on `idx_BT`; return {"L{i}.<source>": (B, T, F)} for the selected sources."""
+def collect(model, idx_BT: Tensor, select: Callable[[str], bool] = lambda name: True, *,
+            resid: bool = False) -> dict[str, Tensor]:
+    """Run the model on `idx_BT`; return {"L{i}.<source>": (B, T, F)} for the selected sources.
+
+    With `resid=True` also the selected `L{i}.resid`: the residual stream after block i.
+    """
     inputs: dict[int, Tensor] = {}
+    streams: dict[int, Tensor] = {}
     hooks = [
         block.ffn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
         for i, block in enumerate(model.blocks)
     ]
+    if resid:  # a block returns (x_BTD, FFNOutput)
+        hooks += [block.register_forward_hook(lambda mod, args, out, i=i: streams.__setitem__(i, out[0]))
+                  for i, block in enumerate(model.blocks) if select(f"L{i}.{RESID}")]
     try:
         model(idx_BT)
     finally:
@@ -75,6 +89,8 @@ def collect(model, idx_BT: Tensor, select: Callable[[str], bool] = lambda name: 
         feats = layer_features(block.ffn, inputs[i].reshape(B * T, -1))
         for name in wanted:
             out[f"L{i}.{name}"] = feats[name].reshape(B, T, -1)
+    for i, x_BTD in sorted(streams.items()):
+        out[f"L{i}.{RESID}"] = x_BTD
     return out
 
 
@@ -93,10 +109,16 @@ def source_names(model) -> list[str]:
     return [f"L{i}.{n}" for i, b in enumerate(model.blocks) for n in _source_names(b.ffn)]
 
 
+def resid_names(model) -> list[str]:
+    """The residual-stream sources `L{i}.resid`, one per block."""
+    return [f"L{i}.{RESID}" for i in range(len(model.blocks))]
+
+
 def iter_positions(model, seqs_BT: Tensor, pos_mask_BT: Tensor, *, batch_size: int = 32,
-                   select: Callable[[str], bool] = lambda name: True) -> Iterator[dict[str, Tensor]]:
+                   select: Callable[[str], bool] = lambda name: True,
+                   resid: bool = False) -> Iterator[dict[str, Tensor]]:
     """Stream features at the masked positions only, batch by batch: {source: (P_batch, F)}."""
     for s in range(0, seqs_BT.shape[0], batch_size):
-        feats = collect(model, seqs_BT[s : s + batch_size], select)
+        feats = collect(model, seqs_BT[s : s + batch_size], select, resid=resid)
         mask = pos_mask_BT[s : s + batch_size]
         yield {k: v[mask] for k, v in feats.items()}

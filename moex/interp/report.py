@@ -40,9 +40,43 @@ def markdown(res: dict) -> str:
         best = max(chess_rows(res), key=lambda r: r["coverage"] or 0)
         lines += ["", f"Best source by coverage: **{best['source']}** "
                       f"(coverage {_f(best['coverage'])}, reconstruction {_f(best['reconstruction'])})."]
+        lines += probe_markdown(res.get("probe", {}))
+        lines += ksparse_markdown(res.get("ksparse", {}))
     else:
         lines += res.get("markdown", [])
     return "\n".join(lines) + "\n"
+
+
+def probe_markdown(probe: dict) -> list[str]:
+    """The residual-stream board probes: held-out accuracy beside the per-square majority class."""
+    if not probe:
+        return []
+    lines = ["", "Linear board probes of the residual stream (64 squares x 13 classes; trained on the "
+                 "labelling games, accuracy on held-out games). 'changed': only squares whose content differs "
+                 "from the starting position.", "",
+             "| layer | accuracy | majority baseline | accuracy (changed) | majority (changed) | train accuracy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in probe.items():
+        lines.append(f"| {name} | {_f(r['accuracy'])} | {_f(r['majority_baseline'])} | {_f(r['accuracy_changed'])} | "
+                     f"{_f(r['majority_changed'])} | {_f(r['train_accuracy'])} |")
+    return lines
+
+
+def ksparse_markdown(ks: dict) -> list[str]:
+    """k-sparse probing: mean held-out F1 per source and property group for each k."""
+    if not ks:
+        return []
+    first = next(iter(ks.values()))
+    kk = list(next(iter(first.values()))["f1"])
+    lines = ["", "k-sparse probing (Gurnee et al. 2023): mean held-out F1 of the best probe on k features "
+                 "(ranked by F-statistic on the labelling games), over properties with >= 10 positives and "
+                 "negatives there.", "",
+             "| source | group | probed | " + " | ".join(f"k={k}" for k in kk) + " |",
+             "|---|---|---:|" + "---:|" * len(kk)]
+    for name, groups in ks.items():
+        for g, r in groups.items():
+            lines.append(f"| {name} | {g} | {r['probed']} | " + " | ".join(_f(r["f1"][k]) for k in kk) + " |")
+    return lines
 
 
 def plots(res: dict, out: Path) -> list[Path]:

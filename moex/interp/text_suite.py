@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moex.interp import pos
+from moex.interp import ksparse, pos
 from moex.interp.features import collect
 
 TOKEN_CLASSES = ["space+word", "lower", "upper", "digit", "punct", "other"]
@@ -53,11 +53,11 @@ def token_class(piece: str) -> int:
 
 @torch.no_grad()
 def probe(model, tokenizer, sentences, block_size: int, select=lambda n: True):
-    """Features, tags, token classes and contexts for every word-aligned token."""
+    """Features, tags, token classes, contexts and sentence index for every word-aligned token."""
     from moex.data import DataError
 
     feats: dict[str, list[np.ndarray]] = {}
-    tags, classes, contexts = [], [], []
+    tags, classes, contexts, sent = [], [], [], []
     skipped = 0
     for s in sentences:
         try:
@@ -74,6 +74,7 @@ def probe(model, tokenizer, sentences, block_size: int, select=lambda n: True):
         for name, v in out.items():
             feats.setdefault(name, []).append(v[0].float().numpy()[keep])
         tags.append(tag_T[keep])
+        sent.append(np.full(int(keep.sum()), len(sent)))
         pieces = [tokenizer.decode([t]) for t in ids]
         offs = token_offsets(tokenizer, ids)
         for t in np.nonzero(keep)[0]:
@@ -83,22 +84,36 @@ def probe(model, tokenizer, sentences, block_size: int, select=lambda n: True):
     if not tags:
         raise ValueError(f"no sentence could be encoded with this model's tokenizer ({skipped} skipped)")
     acts = {k: np.concatenate(v) for k, v in feats.items()}
-    return acts, np.concatenate(tags), np.array(classes), contexts, skipped
+    return acts, np.concatenate(tags), np.array(classes), contexts, skipped, np.concatenate(sent)
 
 
 def top_contexts(acts_NF: np.ndarray, contexts: list[str], features: list[int], n: int = 5) -> dict[int, list[str]]:
     return {f: [contexts[i] for i in np.argsort(-acts_NF[:, f])[:n] if acts_NF[i, f] > 0] for f in features}
 
 
+def ksparse_pos(acts_NF, tags_N, sent_N, **kw) -> dict:
+    """k-sparse probing of the UPOS tags: ranked and fit on the first half of the sentences, F1 on the rest.
+
+    {"probed", "properties", "f1": {k: mean F1 over probed tags}, "per_tag": {tag: {k: F1}}}.
+    """
+    train = sent_N < (sent_N.max() + 1) // 2
+    onehot_NG = tags_N[:, None] == np.arange(len(pos.UPOS))[None]
+    res = ksparse.probe_properties(acts_NF[train], onehot_NG[train], acts_NF[~train], onehot_NG[~train], **kw)
+    out = ksparse.summarise(res, {"upos": slice(0, len(pos.UPOS))})["upos"]
+    out["per_tag"] = {pos.UPOS[g]: {str(k): float(v[i]) for k, v in res["f1"].items()}
+                      for i, g in enumerate(res["properties"])}
+    return out
+
+
 def run(loaded, *, out_dir: Path, conllu: str | None = None, max_sentences: int = 600, batch_size: int = 32,
-        sae_extra=None) -> dict:
+        sae_extra=None, probes: bool = True) -> dict:
     from moex.data import load_tokenizer
     from moex.data.sources import resolve_path
 
     path = resolve_path(loaded.cfg.data, conllu or "ud-english-ewt/en_ewt-ud-dev.conllu")
     sentences = pos.read_conllu(path)[:max_sentences]
     tok = load_tokenizer(loaded.run_dir / "tokenizer")
-    acts, tags_N, class_N, contexts, skipped = probe(loaded.model, tok, sentences, loaded.cfg.model.block_size)
+    acts, tags_N, class_N, contexts, skipped, sent_N = probe(loaded.model, tok, sentences, loaded.cfg.model.block_size)
     if sae_extra is not None:
         acts.update({k: v.numpy() for k, v in sae_extra({k: torch.from_numpy(v) for k, v in acts.items()}).items()})
     res = {"sentences": len(sentences) - skipped, "skipped_sentences": skipped, "tokens": int(len(tags_N)), "conllu": str(path), "sources": {},
@@ -134,6 +149,16 @@ def run(loaded, *, out_dir: Path, conllu: str | None = None, max_sentences: int 
         for name, r in res["routing"].items():
             mi = r["mutual_information"]
             md.append(f"| {name} | {r['purity']['weighted_purity']:.3f} | {mi['mi_bits']:.3f} | {mi['normalised']:.3f} |")
+    if probes:
+        res["ksparse"] = {name: ksparse_pos(a, tags_N, sent_N) for name, a in acts.items()}
+        kk = list(ksparse.KS)
+        md += ["", "k-sparse probing of UPOS (Gurnee et al. 2023): mean held-out F1 of the best probe on k "
+                   "features, ranked by F-statistic and fit on the first half of the sentences, scored on the "
+                   "second; over tags with >= 10 tokens in each class there.", "",
+               "| source | tags probed | " + " | ".join(f"k={k}" for k in kk) + " |", "|---|---:|" + "---:|" * len(kk)]
+        for name, r in res["ksparse"].items():
+            md.append(f"| {name} | {r['probed']} | " + " | ".join(
+                "–" if r["f1"][str(k)] is None else f"{r['f1'][str(k)]:.3f}" for k in kk) + " |")
     (Path(out_dir) / "features.md").write_text("\n".join(pages) + "\n")
     md += ["", "Top contexts of the most POS-selective features: [features.md](features.md)."]
     res["markdown"] = md
