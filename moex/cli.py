@@ -14,6 +14,7 @@ import os
 import sys
 
 from moex import config as C
+from moex.errors import MoexError, UsageError, storage_error
 
 
 def _parser(cmd: str | None = None) -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def _parser(cmd: str | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    if args.resume and args.fresh:
+        raise UsageError("--resume and --fresh contradict each other; pass one")
     overrides = list(args.overrides)
     if args.fresh:
         overrides.append("train.resume=never")
@@ -63,7 +66,7 @@ def cmd_train(args) -> int:
 
         ckpts = Path(cfg.train.out_dir) / (cfg.train.run_name or "run") / "checkpoints"
         if checkpoint.latest_tag(ckpts) is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpts}")
+            raise UsageError(f"--resume: no checkpoint in {ckpts}")
     train(cfg)
     return 0
 
@@ -120,9 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd in COMMANDS:
             return COMMANDS[args.cmd](args)
         return args.plugin.run(args)
-    except C.ConfigError as e:
-        print(f"moex: config error: {e}", file=sys.stderr)
-        return 2
+    except (MoexError, OSError) as e:
+        return _report_error(e)
+
+
+def _report_error(e: BaseException) -> int:
+    """`moex: error: <one line>` and exit 2; MOEX_DEBUG=1 re-raises for the traceback.
+
+    MoexError messages already name the key or file. A bare OSError (a file that
+    cannot be opened or written) is named by its path and cause; anything else
+    is a bug and keeps its traceback.
+    """
+    if os.environ.get("MOEX_DEBUG", "") not in ("", "0"):
+        raise e
+    if isinstance(e, OSError) and not isinstance(e, MoexError):
+        path = e.filename or ""
+        named = storage_error(path, e) if path else None
+        msg = str(named) if named else (f"{path}: {e.strerror or e}" if path else str(e))
+    else:
+        msg = str(e)
+    print(f"moex: error: {msg}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

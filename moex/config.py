@@ -18,9 +18,27 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from moex.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config schema."""
+__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "dump", "validate", "apply_overrides"]
+
+
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise `ConfigError("key=value rule")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {rule}")
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _need(v > 0, f"{section}.{n}", v, "must be > 0")
+
+
+def _non_negative(obj: Any, section: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _need(v >= 0, f"{section}.{n}", v, "must be >= 0")
 
 
 # --------------------------------------------------------------------------- model
@@ -64,6 +82,24 @@ class MoEConfig:
     router_share_every: int = 1  # Monet: one router shared by groups of this many layers
     monet_mode: Literal["hd", "vd"] = "hd"
 
+    def validate(self, section: str = "model.moe", *, ffn: str = "moe") -> None:
+        _positive(self, section, "num_experts", "top_k", "d_expert", "num_sub_experts", "num_heads",
+                  "router_share_every")
+        _non_negative(self, section, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        if self.capacity_factor is not None:
+            _need(self.capacity_factor > 0, f"{section}.capacity_factor", self.capacity_factor,
+                  "must be > 0 (or null for dropless routing)")
+        _non_negative(self, section, "num_shared_experts", "d_shared_expert")
+        _need(not self.shared_expert_gate or self.num_shared_experts >= 1, f"{section}.shared_expert_gate",
+              self.shared_expert_gate, f"needs {section}.num_shared_experts >= 1")
+        if ffn == "moe":
+            _need(self.top_k <= self.num_experts, f"{section}.top_k", self.top_k,
+                  f"must be in [1, num_experts={self.num_experts}]")
+            from moex.routers.registry import known_routers
+
+            valid = known_routers()
+            _need(self.router in valid, f"{section}.router", self.router, f"is not a router; valid: {', '.join(valid)}")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -93,6 +129,32 @@ class ModelConfig:
     # Linear-layer (and LayerNorm) biases: none; qkv = attention input only (Qwen2); all (GPT-2)
     bias: Literal["none", "qkv", "all"] = "none"
 
+    def validate(self, section: str = "model") -> None:
+        _non_negative(self, section, "vocab_size")
+        _positive(self, section, "n_layer", "n_head", "d_model", "block_size", "moe_every", "d_ff", "init_std")
+        _need(0 <= self.dropout < 1, f"{section}.dropout", self.dropout, "must be in [0, 1)")
+        _need(self.d_model % self.n_head == 0, f"{section}.d_model", self.d_model,
+              f"must be divisible by {section}.n_head={self.n_head}")
+        if self.pos_emb == "rope":
+            hd = self.d_model // self.n_head
+            _need(hd % 2 == 0, f"{section}.pos_emb", self.pos_emb,
+                  f"needs an even head dim, got d_model/n_head = {hd}")
+        _positive(self, section, "rope_base", "norm_eps")
+        _need(self.n_kv_head >= 0 and (self.n_kv_head == 0 or self.n_head % self.n_kv_head == 0),
+              f"{section}.n_kv_head", self.n_kv_head, f"must divide {section}.n_head={self.n_head} (0 = n_head)")
+        self.moe.validate(f"{section}.moe", ffn=self.ffn)
+        moe, sub = self.moe, f"{section}.moe"
+        if self.ffn == "monet":
+            _need(moe.top_k < moe.num_sub_experts, f"{sub}.top_k", moe.top_k,
+                  f"must be < {sub}.num_sub_experts={moe.num_sub_experts} for Monet")
+            if moe.monet_mode == "vd":
+                _need(moe.d_expert % 2 == 0 and self.d_model % 2 == 0, f"{sub}.d_expert", moe.d_expert,
+                      f"and {section}.d_model={self.d_model} must both be even for Monet VD")
+        if self.ffn == "peer":
+            _need(self.d_model % 2 == 0, f"{section}.d_model", self.d_model, "must be even for PEER (split query)")
+            _need(moe.top_k <= moe.num_sub_experts, f"{sub}.top_k", moe.top_k,
+                  f"must be <= {sub}.num_sub_experts={moe.num_sub_experts} for PEER")
+
 
 # --------------------------------------------------------------------------- data
 
@@ -115,6 +177,16 @@ class DataConfig:
     seed: int = 1234
     cache_dir: str = ".moex_cache"
 
+    def validate(self, section: str = "data") -> None:
+        _non_negative(self, section, "num_games")
+        _positive(self, section, "max_game_chars", "vocab_size")
+        _need(0 < self.val_fraction < 1, f"{section}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        if self.source in ("pgn", "text"):
+            _need(bool(self.path), f"{section}.path", self.path, f"is needed with {section}.source={self.source!r}")
+        if self.source == "chess_random":
+            _need(self.num_games >= 2, f"{section}.num_games", self.num_games,
+                  "must be >= 2 with source chess_random (a train and a val split)")
+
 
 # --------------------------------------------------------------------------- optim / train
 
@@ -129,7 +201,15 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = no clipping
+
+    def validate(self, section: str = "optim") -> None:
+        _positive(self, section, "lr", "eps")
+        _non_negative(self, section, "min_lr", "weight_decay", "warmup_steps", "grad_clip")
+        _need(self.min_lr <= self.lr, f"{section}.min_lr", self.min_lr, f"must be <= {section}.lr={self.lr}")
+        for n in ("beta1", "beta2"):
+            v = getattr(self, n)
+            _need(0 <= v < 1, f"{section}.{n}", v, "must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -153,16 +233,31 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     progress: bool = True
 
+    def validate(self, section: str = "train") -> None:
+        _positive(self, section, "max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval",
+                  "ckpt_interval")
+        _non_negative(self, section, "eval_batches", "keep_checkpoints", "threads")
+        _need(bool(self.out_dir), f"{section}.out_dir", self.out_dir, "must not be empty")
+        if self.run_name is not None:
+            _need(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+                  f"{section}.run_name", self.run_name, "must be a plain directory name")
+
 
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2] = 0
     skip_shm_comm: bool = True  # skip the ~65 s JIT build of the CPU shm comm op
 
+    def validate(self, section: str = "deepspeed") -> None:
+        pass
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     ep_size: int = 1  # expert-parallel degree
+
+    def validate(self, section: str = "parallel") -> None:
+        _positive(self, section, "ep_size")
 
 
 @dataclass(kw_only=True)
@@ -289,14 +384,31 @@ def resolve_recipe(recipe: str | Path) -> Path:
                       f"shipped: {', '.join(recipe_names())})")
 
 
+def read_recipe(recipe: str | Path) -> dict:
+    """A recipe's mapping; errors name the file (missing, malformed YAML, empty, not a mapping)."""
+    path = resolve_recipe(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; a recipe must set at least one section "
+                          f"(valid sections: {', '.join(f.name for f in dataclasses.fields(Config))})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
 def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (a path or a shipped recipe's name; defaults when None), apply overrides, validate."""
-    data: dict = {}
-    if recipe is not None:
-        path = resolve_recipe(recipe)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    data = read_recipe(recipe) if recipe is not None else {}
     cfg = from_dict(apply_overrides(data, overrides or []))
     if cfg.train.run_name is None and recipe is not None:
         cfg.train.run_name = Path(recipe).stem
@@ -305,29 +417,16 @@ def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Confi
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type check alone cannot catch."""
-    m = cfg.model
-    if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
-    if m.n_kv_head < 0 or m.n_kv_head and m.n_head % m.n_kv_head:
-        raise ConfigError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (0 = n_head)")
-    if m.pos_emb == "rope" and (m.d_model // m.n_head) % 2:
-        raise ConfigError(f"model.pos_emb=rope needs an even head dim, got d_model/n_head = {m.d_model // m.n_head}")
-    if m.rope_base <= 0 or m.norm_eps <= 0:
-        raise ConfigError(f"model.rope_base={m.rope_base} and model.norm_eps={m.norm_eps} must be positive")
-    if m.ffn == "moe":
-        if not 1 <= m.moe.top_k <= m.moe.num_experts:
-            raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in [1, num_experts={m.moe.num_experts}]")
-        if m.moe.num_experts % cfg.parallel.ep_size:
-            raise ConfigError(
-                f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.ep_size={cfg.parallel.ep_size}"
-            )
-        if m.moe.num_shared_experts < 0 or m.moe.d_shared_expert < 0:
-            raise ConfigError("model.moe.num_shared_experts and model.moe.d_shared_expert must be >= 0")
-        if m.moe.shared_expert_gate and not m.moe.num_shared_experts:
-            raise ConfigError("model.moe.shared_expert_gate needs model.moe.num_shared_experts >= 1")
-    if cfg.data.source in ("pgn", "text") and not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
+    """Range checks per section (each dataclass's validate()), then checks across sections."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if hasattr(section, "validate"):
+            section.validate(f.name)
+    m, ep = cfg.model, cfg.parallel.ep_size
+    if ep > 1:
+        _need(m.ffn == "moe", "parallel.ep_size", ep, f"needs model.ffn=moe (expert parallelism), got {m.ffn!r}")
+        _need(m.moe.num_experts % ep == 0, "model.moe.num_experts", m.moe.num_experts,
+              f"must be divisible by parallel.ep_size={ep}")
 
 
 def dump(cfg: Config) -> str:

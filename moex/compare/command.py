@@ -15,6 +15,7 @@ from moex import config as C
 from moex.compare.report import write_report
 from moex.compare.runner import run_variant
 from moex.compare.variants import DEFAULT, VARIANTS, variant_overrides
+from moex.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,9 +52,11 @@ def compare(recipe: str, names: list[str], out: Path, overrides: list[str], *, m
 
 def run(args) -> int:
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--routers names no variant; give a comma-separated list from: {', '.join(VARIANTS)}")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise SystemExit(f"moex compare: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+        raise UsageError(f"--routers: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
     payload = compare(args.recipe, names, out, list(args.overrides), match=not args.no_match,
                       eval_batches=args.eval_batches)

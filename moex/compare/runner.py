@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from moex import config as C
+from moex.errors import TrainingError
 from moex.training import checkpoint
 
 EVAL_FILE = "compare-eval.json"
@@ -46,8 +47,9 @@ def train_variant(recipe: str, overrides: list[str], out: Path, name: str, *, lo
     with open(out / "logs" / f"{name}.log", "a") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
-        tail = (out / "logs" / f"{name}.log").read_text().splitlines()[-15:]
-        raise RuntimeError(f"variant {name}: training exited with {rc}; log tail:\n" + "\n".join(tail))
+        logfile = out / "logs" / f"{name}.log"
+        tail = [l for l in logfile.read_text().splitlines() if l.strip()][-1:] or [""]
+        raise TrainingError(f"variant {name}: training exited with {rc} (log {logfile}): {tail[0].strip()}")
     return time.time() - t0
 
 

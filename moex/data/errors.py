@@ -1,5 +1,5 @@
-"""The one exception the data pipeline raises for bad input."""
+"""The data pipeline's error class (defined with the others in moex.errors)."""
 
+from moex.errors import DataError
 
-class DataError(ValueError):
-    """Bad or missing data: a corrupt file, an unknown character, a split too small."""
+__all__ = ["DataError"]

@@ -75,8 +75,31 @@ def load_text_documents(cfg: DataConfig, path: str, split: str = "train") -> lis
         ds = datasets.load_dataset(name, cfg.hf_config, split=split, cache_dir=cache)
         return _column(ds, cfg.text_field, f"dataset {name} ({cfg.hf_config}, {split})")
     files = text_files(resolve_path(cfg, path))
-    ds = datasets.load_dataset("text", data_files={"train": [str(f) for f in files]}, split="train", cache_dir=cache)
+    for f in files:
+        check_text_file(f)
+    try:
+        ds = datasets.load_dataset("text", data_files={"train": [str(f) for f in files]}, split="train", cache_dir=cache)
+    except Exception as e:  # datasets wraps the cause in DatasetGenerationError, naming no file
+        cause = e.__cause__ or e
+        raise DataError(f"{', '.join(map(str, files))}: cannot read as text ({type(cause).__name__}: {cause})") from e
     return _column(ds, "text", ", ".join(map(str, files)))
+
+
+def check_text_file(path: Path, probe_bytes: int = 1 << 16) -> None:
+    """A `DataError` naming `path` when it is empty, or binary / not UTF-8 (judged on its first bytes)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty text file")
+    with open(path, "rb") as f:
+        head = f.read(probe_bytes)
+    if b"\0" in head:
+        raise DataError(f"{path}: binary file (NUL bytes), not text")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a multi-byte character cut at the probe's end
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {head[e.start:e.start + 1]!r})") from None
+    if not head.strip() and path.stat().st_size <= probe_bytes:
+        raise DataError(f"{path}: text file holds only whitespace")
 
 
 def source_fingerprint(cfg: DataConfig, path: str | None) -> list:

@@ -23,3 +23,10 @@ def build_router(name: str, *, d_model: int, cfg):
     if name not in REGISTRY:
         raise KeyError(f"unknown router {name!r}; valid routers: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](d_model=d_model, cfg=cfg)
+
+
+def known_routers() -> list[str]:
+    """Names of every registered router (importing moex.routers registers them)."""
+    import moex.routers  # noqa: F401
+
+    return sorted(REGISTRY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moex import config as C
+from moex.errors import TrainingError
 from moex.eval.balance import StatsAccumulator, format_balance
 from moex.eval.perplexity import evaluate
 from moex.training import checkpoint, distributed
@@ -24,10 +26,6 @@ from moex.training.optim import build_optimizer, create_expert_groups, deepspeed
 from moex.training.schedule import lr_at
 
 PREEMPTED_EXIT_CODE = 124
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 class Preempted(SystemExit):
@@ -69,6 +67,10 @@ class Trainer:
         self.signals = _Signals()  # before the slow start-up, so an early SIGUSR1 is not fatal
         self.info = distributed.init(cfg.deepspeed.skip_shm_comm)
         self.rank, self.world = self.info.rank, self.info.world_size
+        ep = cfg.parallel.ep_size
+        if self.world % ep:
+            raise C.ConfigError(f"parallel.ep_size={ep} needs a world size divisible by it; this run has "
+                                f"{self.world} process(es) (launch with torchrun/srun --nproc {ep} or more)")
         self.device = distributed.device_for(self.info)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -78,7 +80,15 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self._build()
+        created = not self.run_dir.exists()
+        try:
+            self._build()
+        except BaseException:
+            # A run that fails while being set up (bad data, a config that does not build)
+            # leaves nothing behind when this call created its directory.
+            if created and self.rank == 0:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
