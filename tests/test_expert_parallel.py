@@ -19,12 +19,13 @@ from dist_utils import run_ranks
 D, T = 16, 24  # model dim, global tokens (each rank gets T/2)
 
 
-def _layer_and_batch(router: str, top_k: int, suppress: tuple[int, ...]):
+def _layer_and_batch(router: str, top_k: int, suppress: tuple[int, ...], extra: dict | None = None):
     from moex.config import MoEConfig
     from moex.models.moe import MoELayer
 
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=4, top_k=top_k, d_expert=8, router=router, aux_loss_coef=0.0, z_loss_coef=0.0)
+    cfg = MoEConfig(num_experts=4, top_k=top_k, d_expert=8, router=router, aux_loss_coef=0.0, z_loss_coef=0.0,
+                    **(extra or {}))
     layer = MoELayer(D, cfg)
     x_TD = torch.randn(T, D).abs()  # positive inputs, so a negative gate row suppresses its expert
     g_TD = torch.randn(T, D)
@@ -42,10 +43,10 @@ def _grads(layer, x_TD, g_TD):
     return out.y.detach(), x_TD.grad, grads, out.stats
 
 
-def _ep_layer_case(rank: int, world: int, router: str, top_k: int, suppress: tuple[int, ...]):
+def _ep_layer_case(rank: int, world: int, router: str, top_k: int, suppress: tuple[int, ...], extra: dict):
     from moex.parallel.expert import setup_expert_parallel
 
-    layer, x_TD, g_TD = _layer_and_batch(router, top_k, suppress)
+    layer, x_TD, g_TD = _layer_and_batch(router, top_k, suppress, extra)
     setup_expert_parallel(torch.nn.ModuleList([layer]), world)
     rows = slice(rank * T // world, (rank + 1) * T // world)
     y, gx, grads, stats = _grads(layer, x_TD[rows], g_TD[rows])
@@ -56,23 +57,25 @@ def _ep_layer_case(rank: int, world: int, router: str, top_k: int, suppress: tup
 
 
 @pytest.mark.parametrize(
-    "router,top_k,suppress",
+    "router,top_k,suppress,extra",
     [
-        ("topk", 2, ()),
-        ("moex", 2, ()),
-        ("topk", 2, (1,)),  # expert 1 (rank 0) gets no tokens from anyone
-        ("topk", 1, (2, 3)),  # rank 1 owns experts 2, 3 and receives zero rows in total
+        ("topk", 2, (), {}),
+        ("moex", 2, (), {}),
+        ("topk", 2, (1,), {}),  # expert 1 (rank 0) gets no tokens from anyone
+        ("topk", 1, (2, 3), {}),  # rank 1 owns experts 2, 3 and receives zero rows in total
+        # SwiGLU experts (w3 sharded like w1) and gated shared experts (data-parallel)
+        ("topk", 2, (), {"activation": "swiglu", "num_shared_experts": 1, "shared_expert_gate": True}),
     ],
 )
-def test_two_rank_ep_layer_matches_one_rank(router, top_k, suppress):
-    layer, x_TD, g_TD = _layer_and_batch(router, top_k, suppress)
+def test_two_rank_ep_layer_matches_one_rank(router, top_k, suppress, extra):
+    layer, x_TD, g_TD = _layer_and_batch(router, top_k, suppress, extra)
     y_ref, gx_ref, grads_ref, stats = _grads(layer, x_TD, g_TD)
     counts = stats["tokens_per_expert"]
     for e in suppress:
         assert counts[e] == 0
     if not suppress:
         assert (counts > 0).all()
-    results = run_ranks(_ep_layer_case, 2, router, top_k, suppress)
+    results = run_ranks(_ep_layer_case, 2, router, top_k, suppress, extra)
     y = torch.cat([r["y"] for r in results])
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["gx"] for r in results]), gx_ref, rtol=1e-5, atol=1e-6)
