@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from moex.ops import BackendUnavailable, available_backends, grouped_mm, grouped_mm_reference, resolve_backend
+from moex.ops import BACKENDS, BackendUnavailable, available_backends, grouped_mm, grouped_mm_reference, resolve_backend
 
 CASES = [  # (counts, K, N)
     ([3, 0, 7], 8, 12),       # an empty expert, uneven groups
@@ -70,11 +70,22 @@ def test_torch_backend_non_contiguous_inputs():
 def test_auto_picks_torch_on_cpu_and_logs_once(caplog):
     assert resolve_backend("auto", "cpu", torch.float32)[0] == "torch"
     assert resolve_backend("auto", "cpu", torch.float64)[0] == "loop"  # torch grouped_mm lacks fp64
+    BACKENDS.forget_logged()  # earlier tests may have logged this choice already
     with caplog.at_level(logging.INFO, logger="moex.ops.grouped_gemm"):
         for _ in range(3):
             grouped_mm(torch.randn(2, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64), torch.tensor([2]))
     msgs = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
-    assert len(msgs) <= 1  # once per process (may already be logged by an earlier test)
+    assert msgs == ["grouped_mm backend=auto -> loop for cpu torch.float64 (auto on cpu: torch grouped_mm fails for "
+                    "torch.float64 on cpu: " + BACKENDS["torch"].reason("cpu", torch.float64).split(": ", 1)[1] + ")"]
+
+
+def test_backends_are_named_objects():
+    for name in BACKENDS:
+        b = BACKENDS[name]
+        assert b.name == name and b.available("cpu") == (b.reason("cpu") is None)
+    assert BACKENDS["loop"].available("cpu", torch.float64) and BACKENDS["torch"].available("cpu", torch.float32)
+    x, w, c = torch.randn(5, 4), torch.randn(2, 4, 3), torch.tensor([2, 3])
+    torch.testing.assert_close(BACKENDS["torch"].grouped_mm(x, w, c), grouped_mm_reference(x, w, c))
 
 
 def test_explicit_torch_backend_unsupported_dtype_raises():

@@ -110,7 +110,6 @@ def test_torch_backend_probe_works_under_no_grad():
     from moex.ops import grouped_gemm as gg
 
     for ctx in (torch.no_grad, torch.inference_mode):
-        gg._torch_probe.clear()
+        fresh = gg.TorchBackend()  # its own, empty availability cache
         with ctx():
-            assert gg._torch_unavailable(torch.device("cpu"), torch.float32) is None
-    gg._torch_probe.clear()
+            assert fresh.reason("cpu", torch.float32) is None and fresh.available("cpu", torch.float32)

@@ -16,20 +16,15 @@ O(A*H + T*D + E*D*H) on the fused path, which does not keep gathered rows). With
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor, nn
 
 from moex.config import MoEConfig
 from moex.models.mlp import DenseMLP
 from moex.models.outputs import FFNOutput
-from moex.ops import BACKENDS, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
+from moex.ops import FUSED_IMPL, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 from moex.routers.capacity import expert_capacity, keep_within_capacity, renormalise_survivors
-
-log = logging.getLogger(__name__)
-_FUSED_IMPL: dict[tuple[str, str, torch.dtype], str | None] = {}  # decided (and logged) once per key
 
 
 class Experts(nn.Module):
@@ -155,22 +150,8 @@ class MoELayer(nn.Module):
         return gated_scatter_add(y_SD, gate_S, token_S, T), h_SH
 
     def _fused_impl(self, x_TD: Tensor) -> str | None:
-        """The fused expert MLP implementation to run, or None for the unfused grouped-GEMM path.
-
-        ``auto`` fuses on CPU (``blocked``); ``fused`` fuses everywhere, on CUDA with the Triton
-        kernels (gathers inside the GEMMs) when triton is usable, else ``blocked``.
-        """
-        b, dev = self.cfg.gemm_backend, x_TD.device
-        key = (b, dev.type, x_TD.dtype)
-        if key not in _FUSED_IMPL:  # the triton probe imports modules: once, not every forward
-            if b == "fused" or (b == "auto" and dev.type == "cpu"):
-                why = BACKENDS["triton"][1](dev, x_TD.dtype) if dev.type == "cuda" else "not on CUDA"
-                _FUSED_IMPL[key] = "triton" if why is None else "blocked"
-                log.info("MoE experts: gemm_backend=%s -> fused expert MLP, impl=%s on %s (triton: %s)", b,
-                         _FUSED_IMPL[key], dev.type, why or "usable")
-            else:
-                _FUSED_IMPL[key] = None
-        return _FUSED_IMPL[key]
+        """The fused expert MLP implementation to run, or None for the unfused path (:data:`FUSED_IMPL`)."""
+        return FUSED_IMPL(self.cfg.gemm_backend, x_TD.device, x_TD.dtype)
 
     def _gemm_backend(self) -> str:
         """The grouped_mm backend of the unfused path (``fused`` falls back to ``auto`` under EP dispatch)."""

@@ -8,7 +8,7 @@ from moex.ops.grouped_gemm import (
     grouped_mm_reference,
     resolve_backend,
 )
-from moex.ops.expert_mlp import count_active, expert_mlp, expert_mlp_reference
+from moex.ops.expert_mlp import FUSED_IMPL, count_active, expert_mlp, expert_mlp_reference
 from moex.ops.fused import (
     gated_scatter_add,
     gated_scatter_add_reference,
@@ -39,4 +39,5 @@ __all__ = [
     "expert_mlp",
     "expert_mlp_reference",
     "count_active",
+    "FUSED_IMPL",
 ]

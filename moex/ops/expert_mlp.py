@@ -35,13 +35,18 @@ same op as a few grouped kernels with the gathers inside them
 
 from __future__ import annotations
 
+import logging
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moex.ops import activations
+from moex.ops.grouped_gemm import BACKENDS, BackendUnavailable, grouped_mm_reference
+from moex.ops.triton_gmm import triton_expert_mlp
 
-__all__ = ["expert_mlp", "expert_mlp_reference", "count_active", "DEFAULT_BLOCK_ROWS"]
+__all__ = ["expert_mlp", "expert_mlp_reference", "count_active", "DEFAULT_BLOCK_ROWS", "FUSED_IMPL", "ImplChoice"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_ROWS = 1024  # rows per block: (n, D) + 2 x (n, H) fp32 buffers stay in L2/L3
 
@@ -162,6 +167,34 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         out.addmm_(a, b)
 
 
+class ImplChoice:
+    """Which :func:`expert_mlp` implementation a MoE layer runs, decided and logged once per
+    (gemm_backend, device type, dtype): the triton probe imports modules, so not every forward.
+
+    ``auto`` fuses on CPU (``blocked``); ``fused`` fuses everywhere, on CUDA with the Triton
+    kernels (gathers inside the GEMMs) when triton is usable, else ``blocked``; any other
+    gemm_backend (a grouped-GEMM backend name) means the unfused path (None).
+    """
+
+    def __init__(self):
+        self._chosen: dict[tuple[str, str, torch.dtype], str | None] = {}
+
+    def __call__(self, gemm_backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        key = (gemm_backend, device.type, dtype)
+        if key not in self._chosen:
+            impl = None
+            if gemm_backend == "fused" or (gemm_backend == "auto" and device.type == "cpu"):
+                why = BACKENDS["triton"].reason(device, dtype) if device.type == "cuda" else "not on CUDA"
+                impl = "triton" if why is None else "blocked"
+                log.info("MoE experts: gemm_backend=%s -> fused expert MLP, impl=%s on %s (triton: %s)",
+                         gemm_backend, impl, device.type, why or "usable")
+            self._chosen[key] = impl
+        return self._chosen[key]
+
+
+FUSED_IMPL = ImplChoice()
+
+
 def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor, w2_EHD: Tensor,
                act: str = "relu", *, w3_EDH: Tensor | None = None, impl: str = "blocked",
                block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[Tensor, Tensor]:
@@ -200,10 +233,7 @@ def expert_mlp(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, 
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     if impl == "triton":  # counts stay on the device: the kernels schedule tiles without a host sync
-        from moex.ops.grouped_gemm import BACKENDS, BackendUnavailable
-        from moex.ops.triton_gmm import triton_expert_mlp
-
-        why = BACKENDS["triton"][1](x_TD.device, x_TD.dtype)
+        why = BACKENDS["triton"].reason(x_TD.device, x_TD.dtype)
         if why is not None:
             raise BackendUnavailable(f"expert_mlp impl 'triton' unavailable: {why}")
         return triton_expert_mlp(x_TD, token_S, gate_S, counts_E, w1_EDH, w2_EHD, act, w3_EDH=w3_EDH)
@@ -229,8 +259,6 @@ def _check_gated(act: str, w1_EDH: Tensor, w3_EDH: Tensor | None) -> None:
 def expert_mlp_reference(x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, w1_EDH: Tensor,
                          w2_EHD: Tensor, act: str = "relu", *, w3_EDH: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain composition: gather, loop grouped GEMMs, activation, gate, scatter-add."""
-    from moex.ops.grouped_gemm import grouped_mm_reference
-
     x_SD = x_TD.index_select(0, token_S)
     up_SH = None if w3_EDH is None else grouped_mm_reference(x_SD, w3_EDH, counts_E)
     h_SH = activations.hidden_code(act, grouped_mm_reference(x_SD, w1_EDH, counts_E), up_SH)
