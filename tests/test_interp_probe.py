@@ -133,3 +133,36 @@ def test_text_k_sparse_finds_a_planted_pos_feature():
     assert r["per_tag"]["NOUN"]["1"] == pytest.approx(1.0, abs=1e-6)
     others = [v["1"] for t, v in r["per_tag"].items() if t != "NOUN"]
     assert max(others) < 0.5 and r["probed"] == len(r["per_tag"])
+
+
+def test_curve_summary_and_points(tmp_path):
+    from moex.interp import curve
+
+    rep = {"suite": "chess", "step": 7,
+           "sources": {"L0.a": {"coverage": {"score": 0.2}, "reconstruction": {"score": 0.5}},
+                       "L1.a": {"coverage": {"score": 0.3}, "reconstruction": {"score": 0.1}}},
+           "probe": {"L0.resid": {"accuracy": 0.7, "majority_baseline": 0.6},
+                     "L1.resid": {"accuracy": 0.9, "majority_baseline": 0.6}},
+           "ksparse": {"L0.a": {"piece_masked": {"f1": {"1": 0.4, "16": 0.8}}},
+                       "L1.a": {"piece_masked": {"f1": {"1": 0.5, "16": 0.6}}}}}
+    s = curve.summary(rep)
+    assert s == {"step": 7, "coverage": 0.3, "reconstruction": 0.5, "probe_accuracy": 0.9, "probe_layer": "L1.resid",
+                 "majority_baseline": 0.6, "ksparse_f1_k1": 0.5, "ksparse_f1_k16": 0.8}
+    curve.add_point(tmp_path, {**s, "tokens": 70})
+    curve.add_point(tmp_path, {**s, "step": 3, "tokens": 30})
+    pts = curve.add_point(tmp_path, {**s, "step": 7, "coverage": 0.35, "tokens": 70})  # replaces step 7
+    assert [(p["step"], p["coverage"]) for p in pts] == [(3, 0.3), (7, 0.35)] and (tmp_path / "curve.png").exists()
+
+
+def test_case_control_sample_weights_and_fit():
+    x, y = planted(P=3000)
+    pos, wt = ksparse.fit_sample(y[:, :2].T, 500)
+    for q in range(2):
+        assert len(set(pos[q].tolist())) == 500  # without replacement
+        kept1 = int(y[pos[q], q].sum())
+        assert kept1 == min(int(y[:, q].sum()), 250)
+        # weights restore the class counts: sum over kept positives = all positives, same for negatives
+        assert wt[q][y[pos[q], q]].sum() == pytest.approx(y[:, q].sum())
+        assert wt[q][~y[pos[q], q]].sum() == pytest.approx((~y[:, q]).sum())
+    r = ksparse.probe_properties(x[:2000], y[:2000], x[2000:], y[2000:], ks=(1, 2), max_fit=300)
+    assert r["features"][0, 0] == 7 and r["f1"][1][0] == pytest.approx(1.0, abs=1e-6)

@@ -79,18 +79,22 @@ def _columns(x_PF, cols: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic(x_QKP: torch.Tensor, y_QP: torch.Tensor, *, l2: float = 1e-3, iters: int = 30,
-                 w0: torch.Tensor | None = None) -> torch.Tensor:
+                 w0: torch.Tensor | None = None, weight_QP: torch.Tensor | None = None,
+                 tol: float = 1e-5) -> torch.Tensor:
     """Batched L2 logistic regression by Newton's method: (Q, K+1) weights, bias last.
 
-    Minimises mean log-loss + l2/2 * ||w||^2 (bias unpenalised), independently per q.
-    `x_QKP` is positions-last (fast products on CPU); `w0` warm-starts (e.g. from
-    the k/2 solution padded with zeros).
+    Minimises the (weighted) mean log-loss + l2/2 * ||w||^2 (bias unpenalised),
+    independently per q. `x_QKP` is positions-last (fast products on CPU); `w0`
+    warm-starts (e.g. from the k/2 solution padded with zeros); stops when no
+    Newton step moves a weight by more than `tol`.
     """
     Q, K, P = x_QKP.shape
     xb = torch.cat([x_QKP.float(), x_QKP.new_ones(Q, 1, P, dtype=torch.float32)], 1)  # (Q, K+1, P)
     y = y_QP.float()
+    c = torch.ones(Q, P) if weight_QP is None else weight_QP.float()
+    c = c / c.sum(1, keepdim=True)  # weights of the mean
     if w0 is None:
-        pos = y.mean(1).clamp(1e-6, 1 - 1e-6).double()
+        pos = (c * y).sum(1).clamp(1e-6, 1 - 1e-6).double()
         w = torch.zeros(Q, K + 1, dtype=torch.float64)
         w[:, -1] = torch.log(pos / (1 - pos))
     else:
@@ -99,11 +103,11 @@ def fit_logistic(x_QKP: torch.Tensor, y_QP: torch.Tensor, *, l2: float = 1e-3, i
     reg[-1] = 0.0
     for _ in range(iters):
         p = torch.sigmoid(torch.bmm(w.float().unsqueeze(1), xb).squeeze(1))  # (Q, P)
-        g = torch.bmm(xb, (p - y).unsqueeze(-1)).squeeze(-1).double() / P + reg * w
-        h = torch.bmm(xb * (p * (1 - p)).unsqueeze(1), xb.transpose(1, 2)).double() / P + torch.diag(reg + 1e-9)
+        g = torch.bmm(xb, (c * (p - y)).unsqueeze(-1)).squeeze(-1).double() + reg * w
+        h = torch.bmm(xb * (c * p * (1 - p)).unsqueeze(1), xb.transpose(1, 2)).double() + torch.diag(reg + 1e-9)
         step = torch.linalg.solve(h, g.unsqueeze(-1)).squeeze(-1)
         w = w - step
-        if step.abs().max() < 1e-5:
+        if step.abs().max() < tol:
             break
     return w
 
@@ -120,11 +124,36 @@ def _chunk_for(n_features: int, budget: int = 1 << 24) -> int:
     return max(1, budget // max(n_features, 1))
 
 
+def fit_sample(y_QP: np.ndarray, max_fit: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Case-control sample of at most `max_fit` training positions per property, with weights.
+
+    Keeps up to half the budget of positives (more when negatives are fewer) and
+    fills the rest with negatives, both drawn without replacement; each kept
+    position weighs (class count / kept count), so the weighted mean log-loss is an
+    unbiased estimate of the full one. Returns (positions_QM, weights_QM).
+    """
+    Q, P = y_QP.shape
+    M = min(P, max_fit)
+    if M == P:
+        return np.broadcast_to(np.arange(P), (Q, P)), np.ones((Q, P), np.float32)
+    rng = np.random.default_rng(seed)
+    pos_QM, wt_QM = np.empty((Q, M), np.int64), np.empty((Q, M), np.float32)
+    for q in range(Q):
+        ones, zeros = np.flatnonzero(y_QP[q]), np.flatnonzero(~y_QP[q])
+        k1 = min(len(ones), max(M // 2, M - len(zeros)))
+        pos_QM[q] = np.concatenate([rng.choice(ones, k1, replace=False), rng.choice(zeros, M - k1, replace=False)])
+        wt_QM[q, :k1], wt_QM[q, k1:] = len(ones) / max(k1, 1), len(zeros) / max(M - k1, 1)
+    return pos_QM, wt_QM
+
+
 def probe_properties(x_train_PF, labels_train_PQ, x_test_PF, labels_test_PQ, *, ks=KS, rank: str = "f_stat",
-                     min_count: int = 10, l2: float = 1e-3) -> dict:
+                     min_count: int = 10, l2: float = 1e-3, max_fit: int = 4096, tol: float = 1e-3) -> dict:
     """Held-out F1 of the best k-feature probe for each probe-able property and each k.
 
-    Features are ranked and classifiers fit on the training positions only.
+    Features are ranked on all training positions; each classifier is fit on a
+    weighted case-control sample of at most `max_fit` of them (`fit_sample`; all of
+    them, unweighted, when there are fewer), Newton steps until no weight moves by
+    more than `tol`.
     Returns {"properties": (Q',) column indices probed, "f1": {k: (Q',) held-out F1},
     "features": (Q', max k) ranked feature indices}.
     """
@@ -137,7 +166,7 @@ def probe_properties(x_train_PF, labels_train_PQ, x_test_PF, labels_test_PQ, *, 
     props = np.flatnonzero((n1 >= min_count) & (len(y_tr) - n1 >= min_count))
     f1 = {k: np.zeros(len(props)) for k in ks}
     feats = np.zeros((len(props), min(ks[-1], x_train_PF.shape[1])), np.int64)
-    chunk = min(_chunk_for(x_train_PF.shape[1]), 128)  # 128 properties bound the (Q, K, P) copies
+    chunk = min(_chunk_for(x_train_PF.shape[1]), 64)  # 64 properties bound the (Q, K, P) copies
     for s in range(0, len(props), chunk):
         q = props[s : s + chunk]
         top_QK = top_k(rank_scores(x_train_PF, y_tr[:, q], rank), ks[-1])
@@ -149,15 +178,20 @@ def probe_properties(x_train_PF, labels_train_PQ, x_test_PF, labels_test_PQ, *, 
         sd = np.where(sd > 0, sd, 1.0)
         a_tr = torch.from_numpy(np.ascontiguousarray(((a_tr - mu) / sd).T))  # (U, P): positions last
         a_te = torch.from_numpy(np.ascontiguousarray(((a_te - mu) / sd).T))
-        yq_tr, yq_te = torch.from_numpy(y_tr[:, q].T.copy()), torch.from_numpy(y_te[:, q].T.copy())
+        yq_te = torch.from_numpy(y_te[:, q].T.copy())
+        pos_QM, wt_QM = fit_sample(y_tr[:, q].T, max_fit, seed=s)
+        yq_tr = torch.from_numpy(np.take_along_axis(y_tr[:, q].T, pos_QM, 1))
+        pos_QM, wt_QM = torch.from_numpy(np.ascontiguousarray(pos_QM)), torch.from_numpy(wt_QM)
+        # the ranked features are nested (top-k is a prefix of top-16): gather once, slice per k
+        x_tr_QKM = a_tr[torch.from_numpy(inv)[:, :, None], pos_QM[:, None, :]]
+        x_te_QKP = a_te[torch.from_numpy(inv)]
         w = None
         for k in ks:
             kk = min(k, top_QK.shape[1])
-            idx_QK = torch.from_numpy(inv[:, :kk])
             if w is not None:  # warm start: the top-k features extend the previous top-k
                 w = torch.cat([w[:, :-1], w.new_zeros(len(q), kk - (w.shape[1] - 1)), w[:, -1:]], 1)
-            w = fit_logistic(a_tr[idx_QK], yq_tr, l2=l2, w0=w)
-            logit_QP = torch.bmm(w[:, :-1].float().unsqueeze(1), a_te[idx_QK]).squeeze(1) + w[:, -1:].float()
+            w = fit_logistic(x_tr_QKM[:, :kk], yq_tr, l2=l2, w0=w, weight_QP=wt_QM, tol=tol)
+            logit_QP = torch.bmm(w[:, :-1].float().unsqueeze(1), x_te_QKP[:, :kk]).squeeze(1) + w[:, -1:].float()
             f1[k][s : s + len(q)] = _f1(logit_QP > 0, yq_te)
     return {"properties": props, "f1": f1, "features": feats}
 
