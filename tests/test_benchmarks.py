@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,16 @@ def test_moe_profile_toy_row(tmp_path):
     assert cats["moex"]["router GEMMs"] > 0 and cats["dense"].get("router GEMMs", 0.0) == 0.0
     assert cats["moex"]["gather / scatter"] > 0 and cats["dense"]["expert GEMMs"] > 0
     assert "| expert GEMMs |" in md
+
+
+@pytest.mark.slow
+def test_toy_superposition_resumes_from_its_cache(tmp_path):
+    args = ("toy_superposition.py", "--n", "8", "--ratios", "2", "--base-ratio", "2", "--sparsities", "0.8",
+            "--seeds", "1", "--steps", "5", "--batch", "32", "--families", "dense-relu,moex",
+            "--cache", str(tmp_path / "cache"))
+    res, md = run(*args, tmp_path=tmp_path)
+    assert {r["family"] for r in res["rows"]} == {"dense-relu", "moex"}
+    assert (tmp_path / "r.png").stat().st_size > 0 and "| 0.8 | 2 | moex | 1 |" in md
+    cached = (tmp_path / "cache" / "cache.0.jsonl").read_text()
+    res2, _ = run(*args, tmp_path=tmp_path)  # everything cached: nothing retrained, same numbers
+    assert (tmp_path / "cache" / "cache.0.jsonl").read_text() == cached and res2["rows"] == res["rows"]
