@@ -35,9 +35,9 @@ def configs(args) -> list[dict]:
     """(S, n/d) points: the S sweep at the base ratio, then the other ratios at the base sparsity."""
     pts = [(s, args.base_ratio) for s in args.sparsities]
     pts += [(args.base_sparsity, r) for r in args.ratios if (args.base_sparsity, r) not in pts]
-    # seeds outermost: an interrupted sweep still has every point at the first seeds
+    # points in order, all seeds of a point together: an interrupted sweep has whole points
     return [{"family": f, "n": args.n, "d": args.n // r, "sparsity": s, "seed": seed}
-            for seed in range(args.seeds) for s, r in pts for f in args.families]
+            for s, r in pts for seed in range(args.seeds) for f in args.families]
 
 
 def key(c: dict, args) -> str:
@@ -229,8 +229,8 @@ def main(argv=None) -> None:
     p.add_argument("--importance-decay", type=float, default=0.9)
     p.add_argument("--families", type=lambda s: s.split(","), default=list(FAMILIES))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--shard", default="0/1", help="i/k: run every k-th configuration starting at i")
     p.add_argument("--cache", default="runs/toy_superposition")
