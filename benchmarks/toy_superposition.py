@@ -28,7 +28,8 @@ from moe_layer import write_results  # noqa: E402
 from moex.interp.toy import FAMILIES, ToyModel, ToyTask, active_params, build_ffn, train  # noqa: E402
 from moex.interp.toy_metrics import evaluate  # noqa: E402
 
-METRICS = ("loss_rel", "represented", "top_share", "features_per_unit", "coverage", "reconstruction")
+METRICS = ("loss_rel", "represented", "top_share", "features_per_unit", "coverage", "reconstruction",
+           "ksparse_f1_k1", "ksparse_f1_k4")
 
 
 def configs(args) -> list[dict]:
@@ -155,14 +156,17 @@ def markdown(rows: list[dict], args) -> str:
              f"mean ± std over seeds (n = seeds column). loss/zero = importance-weighted MSE / that of predicting 0. "
              "represented = features with ||W_i|| > 0.5 (self-gain). top share / feats per unit = per-unit "
              "monosemanticity (mass-weighted). coverage / reconstruction: Karvonen-style, properties = "
-             "'feature i present'.", "",
+             "'feature i present'. k=1 / k=4 probe: held-out F1 of the best 1- / 4-unit logistic probe per feature "
+             "(k-sparse probing).", "",
              "| S | n/d | family | seeds | active params | units (alive) | loss/zero | represented | top share "
-             "| feats/unit | coverage | reconstruction |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| feats/unit | coverage | reconstruction | k=1 probe | k=4 probe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["ratio"], r["sparsity"], FAMILIES.index(r["family"]))):
         lines.append(f"| {r['sparsity']} | {r['ratio']} | {r['family']} | {r['seeds']} | {r['active_params']} "
                      f"| {r['units']} ({r['alive_units']['mean']:.0f}) | {fmt(r['loss_rel'])} "
                      f"| {fmt(r['represented'], 1)} | {fmt(r['top_share'])} | {fmt(r['features_per_unit'], 2)} "
-                     f"| {fmt(r['coverage'])} | {fmt(r['reconstruction'])} |")
+                     f"| {fmt(r['coverage'])} | {fmt(r['reconstruction'])} | {fmt(r['ksparse_f1_k1'])} "
+                     f"| {fmt(r['ksparse_f1_k4'])} |")
     lines += ["", "MoE-X minus dense ReLU, top-feature share per unit (disjoint = every MoE-X seed on one side of "
               "every dense seed):", "", "| S | n/d | difference | seeds disjoint |", "|---|---|---|---|"]
     for s in separation(rows):

@@ -99,6 +99,8 @@ def test_known_features_as_code_score_perfectly():
     assert res["coverage"] == pytest.approx(1.0, abs=1e-6)
     assert res["reconstruction"] == pytest.approx(1.0, abs=1e-6)
     assert res["labelled_features"] == 8
+    # the regularised probe puts its boundary a little above 0, so tiny magnitudes are missed
+    assert res["probed_features"] == 8 and res["ksparse_f1_k1"] > 0.9
 
 
 def ffn_with_stats(family, n=8, d=4, seed=0):

@@ -16,8 +16,9 @@ P sample positions.
   its mass carried by its top feature, and its effective number of features
   (participation ratio (sum_i m_ij)^2 / sum_i m_ij^2: 1 for one feature, k for k
   equal ones); both averaged over units weighted by each unit's mass.
-- Karvonen-style coverage / reconstruction (moex.interp.bsp) of the code on
-  sampled inputs, with "feature i is present" as the properties.
+- Karvonen-style coverage / reconstruction (moex.interp.bsp) and k-sparse
+  probing (moex.interp.ksparse, Gurnee et al. 2023) of the code on sampled
+  inputs, with "feature i is present" as the properties.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moex.interp import bsp
+from moex.interp import bsp, ksparse
 from moex.interp.toy import ToyModel, ToyTask, unit_code
 from moex.models.moe import MoELayer
 
@@ -91,17 +92,25 @@ def monosemanticity(mass_NU: Tensor, alive_rel: float = 1e-3) -> dict:
             "alive_units": int(alive.sum()), "units": units}
 
 
+PROBE_KS = (1, 2, 4)
+
+
 def known_feature_scores(code_fn: Callable[[Tensor], Tensor], task: ToyTask, *, positions: int = 8000,
                          seed: int = 12345) -> dict:
-    """Karvonen coverage (first half) and reconstruction (first half labels, second half scored)."""
+    """Karvonen coverage (first half) and reconstruction (first half labels, second half scored);
+    k-sparse probes fit on the first half, held-out F1 on the second, averaged over probed features."""
     x = task.sample(positions, torch.Generator().manual_seed(seed))
     acts = code_fn(x).numpy().astype(np.float32)
     labels = (x > 0).numpy()
     h = positions // 2
     cov = bsp.coverage(acts[:h], labels[:h])
     rec = bsp.reconstruction(acts[:h], labels[:h], acts[h:], labels[h:])
-    return {"coverage": cov["score"], "coverage_threshold": cov["threshold"], "reconstruction": rec["score"],
-            "labelled_features": rec["labelled_features"]}
+    probe = ksparse.probe_properties(acts[:h], labels[:h], acts[h:], labels[h:], ks=PROBE_KS)
+    out = {"coverage": cov["score"], "coverage_threshold": cov["threshold"], "reconstruction": rec["score"],
+           "labelled_features": rec["labelled_features"], "probed_features": int(len(probe["properties"]))}
+    for k in PROBE_KS:
+        out[f"ksparse_f1_k{k}"] = float(probe["f1"][k].mean()) if len(probe["properties"]) else float("nan")
+    return out
 
 
 @torch.no_grad()
