@@ -232,11 +232,16 @@ class TrainConfig:
     init_from: Optional[str] = None
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     progress: bool = True
+    # Every interp_interval steps (0 = never), rank 0 scores the live model with the
+    # chess suite (chess tokenizer) or the text suite into RUN/interp/ (moex.interp.curve).
+    interp_interval: int = 0
+    interp_games: int = 100  # chess: evaluation games (half labelling, half held out); text: UD sentences
 
     def validate(self, section: str = "train") -> None:
         _positive(self, section, "max_steps", "batch_size", "grad_accum", "log_interval", "eval_interval",
                   "ckpt_interval")
-        _non_negative(self, section, "eval_batches", "keep_checkpoints", "threads")
+        _non_negative(self, section, "eval_batches", "keep_checkpoints", "threads", "interp_interval")
+        _positive(self, section, "interp_games")
         _need(bool(self.out_dir), f"{section}.out_dir", self.out_dir, "must not be empty")
         if self.run_name is not None:
             _need(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
@@ -427,6 +432,9 @@ def validate(cfg: Config) -> None:
         _need(m.ffn == "moe", "parallel.ep_size", ep, f"needs model.ffn=moe (expert parallelism), got {m.ffn!r}")
         _need(m.moe.num_experts % ep == 0, "model.moe.num_experts", m.moe.num_experts,
               f"must be divisible by parallel.ep_size={ep}")
+        _need(cfg.train.interp_interval == 0, "train.interp_interval", cfg.train.interp_interval,
+              "needs parallel.ep_size=1 (rank 0 holds only its own experts); score checkpoints with "
+              "`moex interpret RUN --all-checkpoints` instead")
 
 
 def dump(cfg: Config) -> str:

@@ -1,6 +1,7 @@
 """`moex compare`: matched active parameters, and a real 2-variant smoke run with its report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,3 +73,40 @@ def test_two_variant_smoke_run_writes_report_and_resumes(tmp_path):
     log = (out / "logs" / "topk2.log").read_text()
     compare(str(recipe), ["topk2"], out, [], log=lambda *_: None)  # finished: not retrained
     assert (out / "logs" / "topk2.log").read_text() == log
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PGN = ROOT.parent / "shared/data/chess/games.pgn"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_PGN.exists(), reason="shared chess games not present")
+def test_compare_with_interp_chess_columns(tmp_path):
+    from moex.compare.command import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 256, "ffn": "dense", "d_ff": 32},
+        "data": {"source": "chess_random", "num_games": 40, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "batch_size": 2, "eval_interval": 2, "eval_batches": 1, "log_interval": 1,
+                  "ckpt_interval": 2, "threads": 1},
+        "optim": {"warmup_steps": 1},
+    }))
+    out = tmp_path / "cmp"
+    assert main([str(recipe), "--routers", "dense-relu,topk2", "--out", str(out), "--interp", "chess",
+                 "--interp-games", "8", "--pgn", str(SHARED_PGN)]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    for name, r in rows.items():
+        rep = json.loads((out / "runs" / name / "interp-chess/report.json").read_text())
+        assert r["coverage"] == max(s["coverage"]["score"] for s in rep["sources"].values())
+        assert r["probe acc"] == max(p["accuracy"] for p in rep["probe"].values())
+        assert 0 <= r["k-sparse F1 k=16"] <= 1 and 0 <= r["probe majority"] <= 1
+    md = (out / "compare.md").read_text()
+    assert "probe acc" in md and "k-sparse F1 k=1" in md
+
+
+def test_interp_chess_refuses_a_short_context_before_training(tmp_path, capsys):
+    from moex.cli import main
+
+    rc = main(["compare", str(ROOT / "recipes/compare-tiny.yaml"), "--interp", "chess", "--out", str(tmp_path / "c")])
+    assert rc == 2 and "model.block_size=128" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -84,3 +84,11 @@ def test_shipped_recipe_by_name_equals_the_file(tmp_path, monkeypatch):
 def test_unknown_recipe_name_lists_the_shipped_ones():
     with pytest.raises(C.ConfigError, match=r"recipe not found: chess-tinyy .*shipped: .*chess-tiny, chess-tiny-dense"):
         C.load("chess-tinyy")
+
+
+def test_interp_interval_needs_one_expert_shard():
+    cfg = C.from_dict({"model": {"ffn": "moe"}, "parallel": {"ep_size": 2}, "train": {"interp_interval": 10}})
+    with pytest.raises(C.ConfigError, match="train.interp_interval"):
+        C.validate(cfg)
+    with pytest.raises(C.ConfigError, match="train.interp_games"):
+        C.validate(C.from_dict({"train": {"interp_games": 0}}))

@@ -81,3 +81,31 @@ def test_text_suite_report(tmp_path):
     assert (tmp_path / "rep/routing_L1.moe.gates.png").exists() and (tmp_path / "rep/features.md").exists()
     ks = rep["ksparse"]["L1.moe.code"]
     assert ks["properties"] == 17 and all(v is None or 0 <= v <= 1 for v in ks["f1"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT.parent / "shared/data/chess/games.pgn").exists(), reason="shared chess games not present")
+def test_interp_over_training_and_all_checkpoints(tmp_path):
+    # chess_random training data; the live scoring reads real games from the data root
+    moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *TINY, "data.num_games=30", "train.max_steps=4",
+         f"data.root={ROOT.parent / 'shared/data'}",
+         "train.ckpt_interval=2", "train.keep_checkpoints=5", "train.interp_interval=2", "train.interp_games=8",
+         cwd=tmp_path)
+    run = tmp_path / "runs/chess-tiny"
+    live = json.loads((run / "interp/curve.json").read_text())
+    assert [p["step"] for p in live] == [2, 4] and (run / "interp/curve.png").exists()
+    tokens_per_step = 2 * 256  # batch_size x block_size, one rank
+    assert [p["tokens"] for p in live] == [2 * tokens_per_step, 4 * tokens_per_step]
+    assert all(0 <= p["probe_accuracy"] <= 1 and 0 <= p["coverage"] <= 1 for p in live)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "interp" in r] == [2, 4]
+
+    write_pgn(tmp_path / "eval.pgn")
+    moex("interpret", "runs/chess-tiny", "--suite", "chess", "--all-checkpoints", "--pgn", str(tmp_path / "eval.pgn"),
+         "--games", "8", "--out", "curve", cwd=tmp_path)
+    pts = json.loads((tmp_path / "curve/curve.json").read_text())
+    assert [p["step"] for p in pts] == [2, 4] and (tmp_path / "curve/curve.png").exists()
+    for p in pts:
+        rep = json.loads((tmp_path / f"curve/step-{p['step']:07d}/report.json").read_text())
+        assert p["coverage"] == max(r["coverage"]["score"] for r in rep["sources"].values())
+        assert p["probe_accuracy"] == max(r["accuracy"] for r in rep["probe"].values())

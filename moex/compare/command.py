@@ -1,4 +1,4 @@
-"""`moex compare RECIPE --routers a,b,... [--out DIR] [overrides...]`.
+"""`moex compare RECIPE --routers a,b,... [--out DIR] [--interp chess|text] [overrides...]`.
 
 Each variant = the recipe + the variant's overrides (moex.compare.variants) + the
 command-line overrides, trained in a fresh process with the same data, seed and
@@ -25,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default runs/compare-<recipe stem>)")
     p.add_argument("--no-match", action="store_true", help="do not derive sizes for matched active parameters")
     p.add_argument("--eval-batches", type=int, default=0, help="validation batches per variant (0 = the recipe's train.eval_batches)")
+    p.add_argument("--interp", choices=["chess", "text"], help="also score each variant with this interpretability "
+                   "suite and add its columns (probe accuracy, coverage, reconstruction, k-sparse F1)")
+    p.add_argument("--interp-games", type=int, default=1000, help="--interp chess: evaluation games")
+    p.add_argument("--interp-sentences", type=int, default=600, help="--interp text: UD sentences")
+    p.add_argument("--pgn", help="--interp chess: PGN of evaluation games (default: each run's held-out split, "
+                                 "or chess/games.pgn under the data root)")
+    p.add_argument("--conllu", help="--interp text: UD treebank (default ud-english-ewt dev under the data root)")
 
 
 def compare(recipe: str, names: list[str], out: Path, overrides: list[str], *, match: bool = True,
@@ -58,8 +65,16 @@ def run(args) -> int:
     if unknown:
         raise UsageError(f"--routers: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
+    extra = None
+    if args.interp:
+        from moex.compare.interp import check_recipe, interp_columns
+
+        check_recipe(args.interp, C.load(args.recipe, list(args.overrides)))  # before any training
+
+        extra = interp_columns(args.interp, pgn=args.pgn, games=args.interp_games, conllu=args.conllu,
+                               sentences=args.interp_sentences)
     payload = compare(args.recipe, names, out, list(args.overrides), match=not args.no_match,
-                      eval_batches=args.eval_batches)
+                      eval_batches=args.eval_batches, extra=extra)
     print((out / "compare.md").read_text())
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {len(list(out.glob('*.png')))} plots")
     return 0 if payload["rows"] else 1

@@ -25,36 +25,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sentences", type=int, default=600, help="text: number of UD sentences")
     p.add_argument("--no-probes", action="store_true",
                    help="skip the linear board probes (chess) and k-sparse probing (both suites)")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="score every kept checkpoint of the run into OUT/step-*/ and plot the scores against "
+                        "tokens seen (OUT/curve.json, OUT/curve.png)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
 def run(args) -> int:
     from moex.eval.load import load_model
-    from moex.interp import report
+    from moex.interp import curve, report
 
-    loaded = load_model(args.path)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     extra = None
     if args.sae:
         from moex.interp.sae_command import sae_extra
 
         extra = sae_extra(args.sae)
-    if args.suite == "chess":
-        from moex.interp import chess_suite
+    opts = dict(suite=args.suite, probes=not args.no_probes, sae_extra=extra, pgn=args.pgn, games=args.games,
+                conllu=args.conllu, sentences=args.sentences, batch_size=args.batch_size)
+    if args.all_checkpoints:
+        from moex.training import checkpoint
 
-        res = chess_suite.run(loaded, out_dir=out, pgn=args.pgn, n_games=args.games, batch_size=args.batch_size,
-                              sae_extra=extra, probes=not args.no_probes)
-    else:
-        from moex.interp import text_suite
-
-        res = text_suite.run(loaded, out_dir=out, conllu=args.conllu, max_sentences=args.sentences,
-                             batch_size=args.batch_size, sae_extra=extra, probes=not args.no_probes)
-    res.update({"checkpoint": str(loaded.ckpt_dir), "step": loaded.step, "suite": args.suite})
-    (out / "report.json").write_text(json.dumps(res, indent=2))
-    md = report.markdown(res)
-    (out / "report.md").write_text(md)
-    report.plots(res, out)
-    print(md)
+        run_dir, _ = checkpoint.resolve(args.path)
+        points = curve.all_checkpoints(run_dir, out, **opts)
+        for p in points:
+            print(json.dumps(p))
+        print(f"wrote {out / 'curve.json'} and {out / 'curve.png'} ({len(points)} checkpoints)")
+        return 0
+    res = curve.score(load_model(args.path), out, **opts)
+    print(report.markdown(res))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0

@@ -214,6 +214,8 @@ class Trainer:
             if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
                 rec["val"] = self._eval()
                 self._report(step + 1, rec, bar)
+            if tc.interp_interval and (step + 1) % tc.interp_interval == 0 and self.rank == 0:
+                rec["interp"] = self._interp(step + 1)
             if self.rank == 0:
                 _append_jsonl(metrics_path, rec)
                 _log_tb(writer, rec)
@@ -266,6 +268,28 @@ class Trainer:
     def _eval(self) -> dict:
         tc = self.cfg.train
         return evaluate(self.model, self.data.val, batch_size=tc.batch_size, max_batches=tc.eval_batches, device=self.device)
+
+    def _interp(self, step: int) -> dict:
+        """Score the live model (chess suite for a chess tokenizer, else the text suite) into RUN/interp/."""
+        from moex.eval.load import Loaded
+        from moex.interp import curve
+
+        cfg = self.cfg
+        suite = "chess" if cfg.data.tokenizer == "chess" else "text"
+        tag = checkpoint.tag_for(step)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            loaded = Loaded(cfg, self.model, self.run_dir, self.ckpt_dir / tag, step)
+            res = curve.score(loaded, self.run_dir / "interp" / tag, suite=suite, games=cfg.train.interp_games,
+                              sentences=cfg.train.interp_games, progress=False)
+        finally:
+            self.model.train(was_training)
+        point = {**curve.summary(res), "tokens": curve.tokens_seen(cfg, step, self.world)}
+        curve.add_point(self.run_dir / "interp", point)
+        self._say(f"step {step:>6}  interp " + "  ".join(
+            f"{k} {v:.3f}" for k, v in point.items() if isinstance(v, float)))
+        return point
 
     def _report(self, step: int, rec: dict, bar) -> None:
         v = rec["val"]
