@@ -5,8 +5,8 @@ A = T*k assignment rows.
 
 For each MoE-like shape it times forward+backward of the expert GEMM pair
 (x_AD @ w1_EDH, then @ w2_EHD) per grouped_mm backend, a dense matmul of the same
-FLOPs (the machine's own matmul rate), and permute/unpermute against two
-alternatives. Prints a Markdown table and writes benchmarks/results/gemm.json.
+FLOPs (the machine's own matmul rate), and the dispatch (sort by expert +
+gather) / gated combine against an alternative. Prints a Markdown table and writes benchmarks/results/gemm.json.
 
     PYTHONPATH=. python benchmarks/gemm.py [--quick]
 """
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from moex.ops import grouped_mm, permute, unpermute
+from moex.ops import gated_scatter_add, grouped_mm, sort_by_expert
 
 
 def bench(fn, reps: int) -> float:
@@ -41,11 +41,18 @@ def routing(T, k, E, seed=0):
     return torch.arange(T).repeat_interleave(k), expert_TK.reshape(-1), gate_TK.reshape(-1)
 
 
+def dispatch(x_TD, token_A, expert_A, E):
+    """Rows grouped by expert: (x_AD, token and gate order, counts_E) -- what the layer's unfused path does."""
+    order_A, counts_E = sort_by_expert(expert_A, E)
+    token_S = token_A.index_select(0, order_A)
+    return x_TD.index_select(0, token_S), order_A, token_S, counts_E
+
+
 def gemm_pair_fn(x_TD, w1, w2, token_A, expert_A, gate_A, E, backend):
     def run():
-        x_AD, order_A, counts_E = permute(x_TD, token_A, expert_A, E)
+        x_AD, order_A, token_S, counts_E = dispatch(x_TD, token_A, expert_A, E)
         h = torch.relu(grouped_mm(x_AD, w1, counts_E, backend=backend))
-        y = unpermute(grouped_mm(h, w2, counts_E, backend=backend), order_A, token_A, gate_A, x_TD.shape[0])
+        y = gated_scatter_add(grouped_mm(h, w2, counts_E, backend=backend), gate_A[order_A], token_S, x_TD.shape[0])
         y.sum().backward()
     return run
 
@@ -82,8 +89,8 @@ def main():
             gs = gate_A.clone().requires_grad_()
 
             def perm_ops():
-                x_AD, order_A, _ = permute(xs, token_A, expert_A, E)
-                unpermute(x_AD * 2, order_A, token_A, gs, T).sum().backward()
+                x_AD, order_A, token_S, _ = dispatch(xs, token_A, expert_A, E)
+                gated_scatter_add(x_AD * 2, gs[order_A], token_S, T).sum().backward()
 
             def perm_alt():  # advanced indexing + dense (T, k, D) combine, token-major only
                 order_A = torch.argsort(expert_A, stable=True)

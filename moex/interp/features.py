@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moex.models.mlp import DenseMLP
 from moex.models.moe import MoELayer
-from moex.ops import permute
+from moex.ops import sort_by_expert
 
 
 def dense_features(mlp: DenseMLP, x_TD: Tensor) -> dict[str, Tensor]:
@@ -35,7 +35,8 @@ def dense_features(mlp: DenseMLP, x_TD: Tensor) -> dict[str, Tensor]:
 def moe_features(layer: MoELayer, x_TD: Tensor) -> dict[str, Tensor]:
     E, H = layer.cfg.num_experts, layer.cfg.d_expert
     r = layer.router(x_TD, layer.experts)
-    x_AD, order_A, counts_E = permute(x_TD, r.token_A, r.expert_A, E)
+    order_A, counts_E = sort_by_expert(r.expert_A, E)
+    x_AD = x_TD.index_select(0, r.token_A.index_select(0, order_A))
     h_AH = layer.experts.hidden(x_AD, counts_E)
     token_A, expert_A = r.token_A[order_A], r.expert_A[order_A]
     code_TF = x_TD.new_zeros(x_TD.shape[0], E * H)

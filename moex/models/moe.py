@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moex.config import MoEConfig
 from moex.models.mlp import DenseMLP
-from moex.models.outputs import FFNOutput
+from moex.models.outputs import FFNOutput, router_entropy
 from moex.ops import FUSED_IMPL, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 from moex.routers.capacity import expert_capacity, keep_within_capacity, renormalise_survivors
@@ -85,7 +85,7 @@ def routing_stats(r: RouterOutput, num_experts: int, num_tokens: int) -> dict[st
         p = r.probs_TE.float()
         return {
             "tokens_per_expert": torch.bincount(r.expert_A, minlength=num_experts).float(),
-            "router_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),
+            "router_entropy": router_entropy(p),
         }
 
 

@@ -37,17 +37,13 @@ from __future__ import annotations
 from statistics import NormalDist
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moex.config import MoEConfig, ModelConfig
-from moex.models.outputs import FFNOutput
+from moex.models.outputs import FFNOutput, router_entropy
+from moex.ops.activations import relu2
 
 AUX_COEF = 1e-3
-
-
-def relu2(x: Tensor) -> Tensor:
-    return F.relu(x).square()
 
 
 class MonetRouter(nn.Module):
@@ -167,7 +163,7 @@ class MonetLayer(nn.Module):
             active = ((hs[0] > 0) & used1_TN[..., None]).sum() + ((hs[1] > 0) & used2_TN[..., None]).sum()
         return {
             "tokens_per_expert": torch.cat((keep1.sum((0, 1)), keep2.sum((0, 1)))).float(),  # 2N sub-experts
-            "router_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),
+            "router_entropy": router_entropy(p),
             "dropped_frac": torch.zeros(()),
             "active_frac": active.float() / (T * self.N * self.M),
         }

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moex.config import MoEConfig, ModelConfig
 from moex.models.mlp import activation
-from moex.models.outputs import FFNOutput
+from moex.models.outputs import FFNOutput, router_entropy
 
 
 def _candidate_pairs(k: int, device) -> tuple[Tensor, Tensor]:
@@ -95,7 +95,7 @@ class PEERLayer(nn.Module):
             p = g_THk.float()
             stats = {
                 "tokens_per_expert": torch.bincount(index_THk.reshape(-1), minlength=P).float(),
-                "router_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),  # over the k retrieved
+                "router_entropy": router_entropy(p),  # over the k retrieved
                 "dropped_frac": torch.zeros(()),
                 "active_frac": (a_THk > 0).sum().float() / (x_TD.shape[0] * P),
             }

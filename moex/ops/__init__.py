@@ -1,4 +1,5 @@
-"""Autograd-level MoE ops: token permutation, grouped GEMM with selectable backends, the fused expert MLP."""
+"""Autograd-level MoE ops: the activation table, grouping assignments by expert and combining
+them back, grouped GEMM with selectable backends, and the fused expert MLP."""
 
 from moex.ops.grouped_gemm import (
     BACKENDS,
@@ -9,7 +10,7 @@ from moex.ops.grouped_gemm import (
     resolve_backend,
 )
 from moex.ops.expert_mlp import FUSED_IMPL, count_active, expert_mlp, expert_mlp_reference
-from moex.ops.fused import (
+from moex.ops.dispatch_combine import (
     gated_scatter_add,
     gated_scatter_add_reference,
     scatter_add_rows,
@@ -17,7 +18,6 @@ from moex.ops.fused import (
     sort_by_expert,
     sort_by_expert_reference,
 )
-from moex.ops.permute import permute, permute_reference, unpermute, unpermute_reference
 
 __all__ = [
     "BACKENDS",
@@ -26,10 +26,6 @@ __all__ = [
     "grouped_mm",
     "grouped_mm_reference",
     "resolve_backend",
-    "permute",
-    "permute_reference",
-    "unpermute",
-    "unpermute_reference",
     "sort_by_expert",
     "sort_by_expert_reference",
     "scatter_add_rows",

@@ -1,4 +1,4 @@
-"""Index-only dispatch/combine ops for the MoE hot path.
+"""Index-only dispatch/combine ops for the MoE hot path: group assignments by expert, add rows back onto tokens.
 
 Shape key: T tokens, D model dim, E experts, A assignments (any order),
 S kept assignments sorted by expert (S = A when nothing is dropped).
@@ -15,7 +15,7 @@ GEMMs run near dense speed; what costs is every extra pass over an (A, D) tensor
   folded (expert-parallel dispatch): a custom autograd Function that saves the
   rows and gates it needs and reuses the gathered gradient buffer in place.
 
-Each has a plain PyTorch reference next to it (tests/test_ops_fused.py).
+Each has a plain PyTorch reference next to it (tests/test_dispatch_combine.py).
 """
 
 from __future__ import annotations
