@@ -115,7 +115,7 @@ def main():
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gemm.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "note": "gflops counts fwd+bwd of both expert GEMMs incl. permute/unpermute; medians"}
+            "note": "gflops counts fwd+bwd of both expert GEMMs incl. dispatch (sort + gather) and gated combine; medians"}
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {out}")
