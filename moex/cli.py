@@ -28,9 +28,28 @@ def _parser(cmd: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints (train.resume=never)")
 
-    e = sub.add_parser("eval", help="perplexity, load balance and sparsity of a run or checkpoint")
+    e = sub.add_parser("eval", help="perplexity (own split or any text), load balance, sparsity, chess play strength")
     e.add_argument("path", help="run directory or checkpoint directory")
-    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--data", help="evaluate on this text file/directory or hub dataset (hf:NAME) instead of "
+                                  "the run's own split, tokenised with the run's tokenizer")
+    e.add_argument("--split", help="the run's own split (val|train, default val); with --data hf:NAME, the "
+                                   "dataset split (default test)")
+    e.add_argument("--hf-config", help="with --data hf:NAME: the dataset configuration (e.g. wikitext-2-raw-v1)")
+    e.add_argument("--text-field", default="text", help="with --data hf:NAME: the column holding the text")
+    e.add_argument("--stride", type=int, default=0, help="sliding-window evaluation: windows of block_size+1 "
+                   "tokens advance S tokens, each scoring only new tokens (1 = full context for every token; "
+                   "0 = non-overlapping blocks, same as S = block_size+1)")
+    e.add_argument("--words", choices=["whitespace", "eol"], default="whitespace",
+                   help="word count for word-level perplexity: whitespace-separated tokens, or those plus one "
+                        "end-of-line per line (the convention of published WikiText-2 numbers)")
+    e.add_argument("--suite", choices=["ppl", "chess-legal"], default="ppl",
+                   help="chess-legal: legal-move rate of sampled moves on held-out game prefixes")
+    e.add_argument("--pgn", help="chess-legal: PGN of games to take prefixes from (default: the run's held-out "
+                                 "games, or chess/games.pgn under the data root)")
+    e.add_argument("--games", type=int, default=100, help="chess-legal: number of games")
+    e.add_argument("--engine", help="chess-legal: also play this UCI engine (e.g. stockfish) and report W/D/L")
+    e.add_argument("--engine-games", type=int, default=10, help="chess-legal: games against --engine")
+    e.add_argument("--seed", type=int, default=0, help="chess-legal: sampling seed")
     e.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
     e.add_argument("--batch-size", type=int, default=0)
     e.add_argument("--out", help="write the JSON report here (default RUN/eval-<split>.json)")
@@ -74,12 +93,31 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from moex.eval.report import evaluate_checkpoint, format_report, write_report
+    from moex.eval import report as R
 
-    res = evaluate_checkpoint(args.path, split=args.split, max_batches=args.max_batches, batch_size=args.batch_size)
-    print(format_report(res))
-    out = args.out or Path(res["checkpoint"]).parent.parent / f"eval-{args.split}.json"
-    write_report(res, out)
+    if args.suite == "chess-legal":
+        from moex.eval import chess_legal
+
+        return chess_legal.run(args)
+    try:
+        if args.data:
+            res = R.evaluate_text(args.path, args.data, split=args.split, hf_config=args.hf_config,
+                                  text_field=args.text_field, stride=args.stride, words=args.words,
+                                  batch_size=args.batch_size)
+            name = "eval-" + Path(args.data.removeprefix("hf:").rstrip("/")).name.replace(".", "_")
+        else:
+            split = args.split or "val"
+            if split not in ("val", "train"):
+                raise ValueError(f"--split {split!r}: the run's own splits are val and train (hub splits need --data)")
+            res = R.evaluate_checkpoint(args.path, split=split, max_batches=args.max_batches,
+                                        batch_size=args.batch_size, stride=args.stride, words=args.words)
+            name = f"eval-{split}"
+    except (ValueError, FileNotFoundError) as e:  # bad path, stride, split or text (DataError is a ValueError)
+        print(f"moex: error: {e}", file=sys.stderr)
+        return 2
+    print(R.format_report(res))
+    out = args.out or Path(res["checkpoint"]).parent.parent / f"{name}.json"
+    R.write_report(res, out)
     print(f"wrote {out}")
     return 0
 

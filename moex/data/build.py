@@ -13,6 +13,7 @@ from moex.data.chess_games import read_pgn, random_games
 from moex.data.errors import DataError
 from moex.data.packing import TokenBlocks, atomic_write_text, read_meta, write_tokens
 from moex.data.sources import (
+    count_words,
     is_hub_name,
     load_text_documents,
     resolve_path,
@@ -123,7 +124,7 @@ def _write_cache(cache: Path, cfg: DataConfig, tok: Tokenizer, docs: _Documents,
             "documents": len(split_docs),
             "tokens": n_tokens,
             "chars": sum(len(d) for d in split_docs),
-            "words": sum(len(d.split()) for d in split_docs),
+            "words": count_words(split_docs),
         }
     atomic_write_text(cache / "meta.json", json.dumps(meta, indent=1))  # last: marks the cache complete
     return meta
