@@ -26,7 +26,7 @@ def _parser(cmd: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
     t.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
-    t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints (train.resume=never)")
+    t.add_argument("--fresh", action="store_true", help="start over: move an existing run directory aside to RUN.old-<time> (train.resume=never)")
 
     e = sub.add_parser("eval", help="perplexity (own split or any text), load balance, sparsity, chess play strength")
     e.add_argument("path", help="run directory or checkpoint directory")
@@ -77,7 +77,7 @@ def cmd_train(args) -> int:
     if args.fresh:
         overrides.append("train.resume=never")
     cfg = C.load(args.recipe, overrides)
-    from moex.training import checkpoint
+    from moex import checkpoint
     from moex.training.trainer import train
 
     if args.resume:
@@ -134,7 +134,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
 # Commands that live next to their feature: each module has add_arguments(parser) and run(args).
 PLUGINS = {
     "compare": ("moex.compare.command", "train router/expert variants side by side and tabulate them"),
-    "upcycle": ("moex.models.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
+    "upcycle": ("moex.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
     "train-sae": ("moex.interp.sae_command", "train a sparse autoencoder on a dense model's MLP activations"),
     "export": ("moex.interop.export_command", "write a run's model as safetensors + config (moex or Hugging Face layout)"),
@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.plugin.run(args)
     except (MoexError, OSError) as e:
         return _report_error(e)
+    except KeyboardInterrupt:
+        if os.environ.get("MOEX_DEBUG", "") not in ("", "0"):
+            raise
+        print("moex: interrupted", file=sys.stderr)
+        return 130
 
 
 def _report_error(e: BaseException) -> int:

@@ -155,7 +155,7 @@ def test_two_rank_training_matches_one_rank(reference, tmp_path, zero):
     for layout in ("ep2", "dp2"):
         _same(run_layout(tmp_path / layout, layout, zero), ref, range(1, 7))
     if zero == 1:  # an EP checkpoint loads on one process, experts consolidated, = the 1-rank model
-        from moex.eval.load import load_model
+        from moex.checkpoint.load import load_model
 
         ep, one = load_model(tmp_path / "ep2" / "t"), load_model(ref_dir / "t")
         assert sorted((tmp_path / "ep2" / "t" / "checkpoints" / "step-0000006").glob("expert_shard_rank*.pt"))

@@ -10,7 +10,7 @@ from moex import config as C
 from moex.cli import main
 from moex.data import ChessTokenizer, load_tokenizer
 from moex.models import GPT
-from moex.training import checkpoint
+from moex import checkpoint
 
 
 def write_run(run, *over):
@@ -67,7 +67,7 @@ def test_load_pretrained_errors_name_the_problem(tmp_path):
 
 
 def test_weights_only_checkpoint_reads_like_a_trained_one(tmp_path):
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     model = write_run(tmp_path / "run")
     loaded = load_model(tmp_path / "run")

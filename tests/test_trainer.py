@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moex import config as C
-from moex.training import checkpoint
+from moex import checkpoint
 from moex.training.trainer import Trainer, TrainingError
 
 TINY = [
@@ -83,7 +83,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         t.save(6)
     monkeypatch.setattr(torch, "save", real_save)
     assert checkpoint.latest_tag(ckpts) == "step-0000004"
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     loaded = load_model(tmp_path / "runs" / "t")
     assert loaded.step == 4

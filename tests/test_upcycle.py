@@ -7,7 +7,7 @@ import yaml
 from moex import config as C
 from moex.models import GPT
 from moex.models.moe import MoELayer
-from moex.models.upcycle import upcycle, upcycle_state
+from moex.upcycle import upcycle, upcycle_state
 
 BASE = ["model.vocab_size=32", "model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.block_size=8"]
 
@@ -75,7 +75,7 @@ def test_shape_mismatch_is_a_clear_error():
 
 def test_upcycle_command_writes_state_and_recipe(tmp_path):
     dcfg, dense = dense_model()
-    ckpt = tmp_path / "dense" / "checkpoints" / "step-0000010"  # the layout moex.training.checkpoint writes
+    ckpt = tmp_path / "dense" / "checkpoints" / "step-0000010"  # the layout moex.checkpoint writes
     ckpt.mkdir(parents=True)
     torch.save({"module": dense.state_dict(), "step": 10, "config": C.to_dict(dcfg)}, ckpt / "mp_rank_00_model_states.pt")
     (ckpt.parent / "latest").write_text("step-0000010")
@@ -101,7 +101,7 @@ def test_partition_scheme_reproduces_dense_when_k_distinct_chunks_are_chosen():
 
     from moex import config as C
     from moex.models import GPT
-    from moex.models.upcycle import upcycle_state
+    from moex.upcycle import upcycle_state
 
     base = ["model.vocab_size=32", "model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.block_size=8"]
     dense_cfg = C.load(None, base + ["model.ffn=dense", "model.d_ff=24", "model.mlp_activation=relu"]).model

@@ -40,7 +40,7 @@ def interp_columns(suite: str, *, log=print, **opts) -> Callable[[str, Path, dic
         raise ValueError(f"unknown interpretability suite {suite!r}; valid: {', '.join(COLUMNS)}")
 
     def extra(name: str, run_dir: Path, _eval: dict) -> dict:
-        from moex.eval.load import load_model
+        from moex.checkpoint.load import load_model
         from moex.interp import curve
 
         out = Path(run_dir) / f"interp-{suite}"

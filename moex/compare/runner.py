@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moex import config as C
 from moex.errors import TrainingError
-from moex.training import checkpoint
+from moex import checkpoint
 
 EVAL_FILE = "compare-eval.json"
 

@@ -175,7 +175,7 @@ def _games(loaded, pgn: str | None, n_games: int) -> tuple[list[list[str]], str]
 def run(args) -> int:
     """The `moex eval --suite chess-legal` command."""
     from moex.data import load_tokenizer
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     try:
         if args.games < 1:

@@ -42,7 +42,7 @@ def run(args) -> int:
     import torch
 
     from moex.data import load_tokenizer
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
     from moex.models.sampling import generate
 
     try:

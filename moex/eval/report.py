@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from moex.eval.balance import format_balance
-from moex.eval.load import load_model
+from moex.checkpoint.load import load_model
 from moex.eval.perplexity import evaluate, sliding_window_nll
 
 WORD_RULES = ("whitespace", "eol")  # eol: + one end-of-line per line (published WikiText numbers)

@@ -50,7 +50,7 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, tokenizer_dir: s
 
 def export_run(run: str | Path, out: str | Path) -> Path:
     """A run or checkpoint directory -> an exported directory (see the module docstring)."""
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     loaded = load_model(run)
     source = {"checkpoint": str(loaded.ckpt_dir), "step": loaded.step}

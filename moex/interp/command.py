@@ -12,6 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from moex.errors import UsageError
+from moex.output import output_dir
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory or checkpoint directory")
@@ -32,27 +35,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
     from moex.interp import curve, report
 
     out = Path(args.out)
-    extra = None
-    if args.sae:
-        from moex.interp.sae_command import sae_extra
-
-        extra = sae_extra(args.sae)
-    opts = dict(suite=args.suite, probes=not args.no_probes, sae_extra=extra, pgn=args.pgn, games=args.games,
-                conllu=args.conllu, sentences=args.sentences, batch_size=args.batch_size)
     if args.all_checkpoints:
-        from moex.training import checkpoint
+        from moex import checkpoint
 
-        run_dir, _ = checkpoint.resolve(args.path)
-        points = curve.all_checkpoints(run_dir, out, **opts)
-        for p in points:
-            print(json.dumps(p))
-        print(f"wrote {out / 'curve.json'} and {out / 'curve.png'} ({len(points)} checkpoints)")
-        return 0
-    res = curve.score(load_model(args.path), out, **opts)
+        run_dir, last = checkpoint.resolve(args.path)
+        check_suite_fits(args.suite, load_model(last))
+    else:
+        loaded = load_model(args.path)
+        check_suite_fits(args.suite, loaded)
+    with output_dir(out):
+        extra = None
+        if args.sae:
+            from moex.interp.sae_command import sae_extra
+
+            extra = sae_extra(args.sae)
+        opts = dict(suite=args.suite, probes=not args.no_probes, sae_extra=extra, pgn=args.pgn, games=args.games,
+                    conllu=args.conllu, sentences=args.sentences, batch_size=args.batch_size)
+        if args.all_checkpoints:
+            points = curve.all_checkpoints(run_dir, out, **opts)
+            for p in points:
+                print(json.dumps(p))
+            print(f"wrote {out / 'curve.json'} and {out / 'curve.png'} ({len(points)} checkpoints)")
+            return 0
+        res = curve.score(loaded, out, **opts)
     print(report.markdown(res))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
+
+
+def check_suite_fits(suite: str, loaded) -> None:
+    """The chess suite reads chess-character models, the text suite the others: refuse a mismatch up front."""
+    chess = loaded.cfg.data.tokenizer == "chess"
+    if (suite == "chess") != chess:
+        raise UsageError(f"--suite {suite} does not fit {loaded.ckpt_dir}: it was trained with data.tokenizer="
+                         f"{loaded.cfg.data.tokenizer} (use --suite {'chess' if chess else 'text'})")

@@ -120,8 +120,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def all_checkpoints(run_dir: Path, out: Path, *, log=print, **opts) -> list[dict]:
     """Score every kept checkpoint into OUT/<tag>/ (reusing finished ones) and write the curve."""
-    from moex.eval.load import load_model
-    from moex.training import checkpoint
+    from moex.checkpoint.load import load_model
+    from moex import checkpoint
 
     points = []
     for ckpt in checkpoint_dirs(run_dir):

@@ -59,7 +59,7 @@ def loss_with_hidden(model, blocks, layer: int, fn, batches: int = 8, batch_size
 
 def run(args) -> int:
     from moex.data import build_data
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
     from moex.interp.sae import SAEConfig, spliced_loss_recovered, train_sae
 
     loaded = load_model(args.path)

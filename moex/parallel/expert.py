@@ -16,7 +16,7 @@ both moex's ``Experts`` and such a module (without DeepSpeed's capacity-padded
 MoE machinery: its ``__init__`` is never called), so the engine takes its MoE
 paths. Its expert weights contain "expert" in their state-dict keys, so
 DeepSpeed's model file keeps only the dense parameters; the experts are saved
-by moex.parallel.reshard as ``expert_shard_rank{r}.pt``.
+by moex.checkpoint.reshard as ``expert_shard_rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ShardedExperts(Experts, _DeepSpeedMoE):
     (global E), ``ep_size``, ``expert_group_name``, ``num_local_experts`` and
     ``set_deepspeed_parallelism()``. ``num_local_experts`` is 0 on purpose: it is
     the number of DeepSpeed per-expert checkpoint files to read/write, and moex
-    writes its own expert shards instead (see moex.parallel.reshard).
+    writes its own expert shards instead (see moex.checkpoint.reshard).
     """
 
     def __init__(self, full: Experts, ep_rank: int, ep_size: int):

@@ -10,36 +10,45 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from moex import checkpoint
 from moex import config as C
-from moex.errors import TrainingError
+from moex.errors import CheckpointError, TrainingError
 from moex.eval.balance import StatsAccumulator, format_balance
 from moex.eval.perplexity import evaluate
-from moex.training import checkpoint, distributed
+from moex.training import distributed
+from moex.training.resume import apply_schedule, check_model_unchanged, changed_settings, hyperparams
 from moex.training.optim import build_optimizer, create_expert_groups, deepspeed_config, mark_expert_params
 from moex.training.schedule import lr_at
 
 PREEMPTED_EXIT_CODE = 124
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(PREEMPTED_EXIT_CODE)
+    def __init__(self, code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(code)
 
 
 class _Signals:
-    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGUSR1/SIGTERM, and a first Ctrl-C (SIGINT) once training runs, ask for a checkpoint and
+    a clean exit at the next step boundary. A second Ctrl-C, or one during start-up, aborts."""
+
+    PREEMPT, INTERRUPT = 1, 2
 
     def __init__(self):
-        self.requested = False
+        self.requested = 0
+        self.armed = False  # set when the training loop starts: before that Ctrl-C just aborts
         self.previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. under a test runner thread)
@@ -51,20 +60,34 @@ class _Signals:
         self.previous = {}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT:
+            if not self.armed or self.requested == self.INTERRUPT:
+                raise KeyboardInterrupt
+            print("interrupt: writing a checkpoint at the end of this step (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+            self.requested = self.INTERRUPT
+        else:
+            self.requested = max(self.requested, self.PREEMPT)
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def agreed(self) -> int:
+        """The strongest request any rank received (0 = none), the same on every rank."""
+        flag = torch.tensor([float(self.requested)])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
 
 class Trainer:
     def __init__(self, cfg: C.Config, *, log=print):
         self.cfg, self.log = cfg, log
         self.signals = _Signals()  # before the slow start-up, so an early SIGUSR1 is not fatal
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.signals.restore()
+            raise
+
+    def _setup(self, cfg: C.Config) -> None:
         self.info = distributed.init(cfg.deepspeed.skip_shm_comm)
         self.rank, self.world = self.info.rank, self.info.world_size
         ep = cfg.parallel.ep_size
@@ -80,6 +103,18 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.train.resume == "never":
+            self._move_aside()
+        # What to resume from, and whether it fits this config: decided before anything is written.
+        self.resume_from = checkpoint.latest(self.ckpt_dir, warn=self._say) if cfg.train.resume == "auto" else None
+        self.resume_meta = None
+        if self.resume_from is not None:
+            self.resume_meta = checkpoint.read_meta(self.resume_from)
+            if checkpoint.is_weights_only(self.resume_from):
+                raise TrainingError(
+                    f"{self.resume_from} holds weights only (an imported model, no optimizer state): fine-tune it "
+                    f"in another run with train.init_from={self.run_dir}")
+            check_model_unchanged(self.resume_meta.get("config", {}), cfg, self.resume_from)
         created = not self.run_dir.exists()
         try:
             self._build()
@@ -111,7 +146,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(C.dump(cfg))
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model)
-        if cfg.train.init_from and checkpoint.latest_tag(self.ckpt_dir) is None:
+        if cfg.train.init_from and self.resume_from is None:
             _load_initial_weights(model, cfg.train.init_from)
             self._say(f"initialised weights from {cfg.train.init_from}")
         self.counts = param_counts(model)
@@ -144,25 +179,46 @@ class Trainer:
         if self.rank == 0:
             self.log(msg)
 
+    def _move_aside(self) -> None:
+        """`--fresh` (train.resume=never) in a used run directory: move the old run to RUN.old-<time>,
+        so two histories never share one directory and nothing of the old one is lost."""
+        if self.rank == 0 and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            dest, n = self.run_dir.with_name(f"{self.run_dir.name}.old-{stamp}"), 1
+            while dest.exists():
+                dest, n = self.run_dir.with_name(f"{self.run_dir.name}.old-{stamp}-{n}"), n + 1
+            os.rename(self.run_dir, dest)
+            self._say(f"fresh start: moved the previous run to {dest}")
+        distributed.barrier()
+
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> int:
-        if self.cfg.train.resume != "auto":
-            return 0
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        if tag is None:
+        """Load the chosen checkpoint (an older complete one if it fails to load); returns its step."""
+        if self.resume_from is None:
             return 0
         # DeepSpeed's loader when the parallel layout is unchanged; otherwise moex reshards
-        # (experts, Adam state) by parameter name. See moex.parallel.reshard.
-        from moex.parallel import reshard
+        # (experts, Adam state) by parameter name. See moex.checkpoint.reshard.
+        from moex.checkpoint import reshard
 
-        if checkpoint.is_weights_only(self.ckpt_dir / tag):
-            raise TrainingError(
-                f"{self.ckpt_dir / tag} holds weights only (an imported model, no optimizer state): fine-tune it "
-                f"in another run with train.init_from={self.run_dir}"
-            )
-        client = reshard.resume(self.engine, self.ckpt_dir, tag, self.cfg, self.world)
+        fresh = hyperparams(self.engine)
+        older = [p for p in reversed(checkpoint.list_checkpoints(self.ckpt_dir))
+                 if (checkpoint.step_of(p) or 0) < (checkpoint.step_of(self.resume_from) or 0)]
+        for ckpt in [self.resume_from, *older]:
+            try:
+                client = reshard.resume(self.engine, self.ckpt_dir, ckpt.name, self.cfg, self.world)
+                break
+            except (CheckpointError, RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if ckpt is (older[-1] if older else self.resume_from):
+                    raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be loaded ({ckpt.name}: {reason}); "
+                                          f"start over with --fresh (the run is moved aside)") from e
+                self._say(f"warning: cannot load {ckpt} ({reason}); falling back to an older checkpoint")
+        apply_schedule(self.engine, self.scheduler, fresh, self.cfg)
+        notes = changed_settings(checkpoint.read_meta(ckpt).get("config", {}), self.cfg)
+        if notes:
+            self._say(f"resume: changed since the checkpoint, in effect from step {client['step']}: {', '.join(notes)}")
         checkpoint.set_rng_state(client["rng"][self.rank] if self.rank < len(client["rng"]) else client["rng"][0])
-        self._say(f"resumed from {self.ckpt_dir / tag} (step {client['step']})")
+        self._say(f"resumed from {ckpt} (step {client['step']})")
         return client["step"]
 
     def save(self, step: int) -> Path:
@@ -172,9 +228,11 @@ class Trainer:
         else:
             rngs = [checkpoint.rng_state()]
         client = {"step": step, "rng": rngs, "config": C.to_dict(self.cfg), "world_size": self.world}
+        from moex.checkpoint import reshard
+
         return checkpoint.save(
             self.engine, self.ckpt_dir, step, client, rank=self.rank, barrier=distributed.barrier,
-            keep=self.cfg.train.keep_checkpoints,
+            keep=self.cfg.train.keep_checkpoints, extra_writer=reshard.save,
         )
 
     # ------------------------------------------------------------------ loop
@@ -191,7 +249,7 @@ class Trainer:
         start = self._resume()
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.rank == 0:
-            _truncate_metrics(metrics_path, start)
+            truncate_metrics(metrics_path, start, warn=self._say)
             self._say(
                 f"moex train: {self.run_dir}  params total {self.counts['total']:,} active {self.counts['active']:,}  "
                 f"world {self.world}  steps {start}->{tc.max_steps}"
@@ -203,6 +261,7 @@ class Trainer:
         bar = _progress(start, tc.max_steps, enabled=tc.progress and self.rank == 0)
         t0, tokens = time.time(), 0
         self.engine.train()
+        signals.armed = True
         for step in range(start, tc.max_steps):
             loss = self._step(step, acc)
             tokens += tc.batch_size * tc.grad_accum * cfg.model.block_size * self.world
@@ -226,8 +285,13 @@ class Trainer:
             done = step + 1 == tc.max_steps
             if done or (step + 1) % tc.ckpt_interval == 0:
                 self.save(step + 1)
-            if not done and signals.agreed():
-                self.save(step + 1)
+            request = 0 if done else signals.agreed()
+            if request:
+                if (step + 1) % tc.ckpt_interval:
+                    self.save(step + 1)
+                if request == signals.INTERRUPT:
+                    self._say(f"interrupted: checkpoint at step {step + 1} written; run the same command to resume")
+                    raise Preempted(INTERRUPTED_EXIT_CODE)
                 self._say(f"preempted: checkpoint at step {step + 1} written; exiting with {PREEMPTED_EXIT_CODE}")
                 raise Preempted()
         if bar is not None:
@@ -271,7 +335,7 @@ class Trainer:
 
     def _interp(self, step: int) -> dict:
         """Score the live model (chess suite for a chess tokenizer, else the text suite) into RUN/interp/."""
-        from moex.eval.load import Loaded
+        from moex.checkpoint.load import Loaded
         from moex.interp import curve
 
         cfg = self.cfg
@@ -366,12 +430,29 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint we resume from."""
+def truncate_metrics(path: Path, step: int, warn=None) -> None:
+    """On (re)start at `step`, drop the records written after it; a torn last line (a kill
+    mid-write) is dropped with a warning, any other unreadable line is an error naming it."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                if warn is not None:
+                    warn(f"warning: {path}:{i + 1}: torn last line (a kill while it was written) dropped")
+                break
+            raise CheckpointError(f"{path}:{i + 1}: not a JSON record; fix or remove that line") from None
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 def train(cfg: C.Config, *, log=print) -> dict:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from moex import config as C
+from moex.output import output_dir
 
 SCHEMES = ("copy", "split", "partition")
 
@@ -112,18 +113,38 @@ def _fill_new(out: dict, target: dict, moe_cfg: C.ModelConfig) -> dict:
 def upcycle(dense_path: str, recipe: str, overrides: list[str], *, scheme: str, out_dir: str,
             noise: float = 0.01, seed: int = 0) -> Path:
     """Write OUT/upcycled.pt and OUT/recipe.yaml (train.init_from -> the state dict); returns the recipe path."""
-    import yaml
-
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     dense = load_model(dense_path)
     cfg = C.load(recipe, overrides)
+    check_same_data(dense.cfg, cfg, dense.ckpt_dir, recipe)
     if cfg.model.vocab_size <= 0:
         cfg.model.vocab_size = dense.cfg.model.vocab_size
     torch.manual_seed(cfg.train.seed)
-    state = upcycle_state(dense.model.state_dict(), dense.cfg.model, cfg.model, scheme=scheme, noise=noise, seed=seed)
+    try:
+        state = upcycle_state(dense.model.state_dict(), dense.cfg.model, cfg.model, scheme=scheme, noise=noise, seed=seed)
+    except ValueError as e:
+        raise C.ConfigError(f"cannot upcycle {dense.ckpt_dir} into {recipe}: {e}") from None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_dir(out):
+        _write(out, state, dense, cfg, scheme, noise)
+    return out / "recipe.yaml"
+
+
+def check_same_data(dense_cfg: C.Config, cfg: C.Config, dense_ckpt: Path, recipe: str) -> None:
+    """The upcycled run must read the dense run's token ids: same tokenizer and data, else refuse now
+    (not at train time)."""
+    keys = ("tokenizer", "source", "path", "vocab_size") if cfg.data.tokenizer == "sentencepiece" else ("tokenizer", "source", "path")
+    diffs = [f"data.{k}: dense {getattr(dense_cfg.data, k)!r}, recipe {getattr(cfg.data, k)!r}"
+             for k in keys if getattr(dense_cfg.data, k) != getattr(cfg.data, k)]
+    if diffs:
+        raise C.ConfigError(f"{recipe} does not read the data {dense_ckpt} was trained on ({'; '.join(diffs)}); "
+                            f"upcycling keeps the dense run's token ids, so the recipe must match it")
+
+
+def _write(out: Path, state: dict, dense, cfg: C.Config, scheme: str, noise: float) -> None:
+    import yaml
+
     torch.save(state, out / "upcycled.pt")
     if (dense.run_dir / "tokenizer").is_dir() and not (out / "tokenizer").exists():  # same token ids as the dense run
         import shutil
@@ -133,7 +154,6 @@ def upcycle(dense_path: str, recipe: str, overrides: list[str], *, scheme: str, 
     data["train"].update(out_dir=str(out.parent), run_name=out.name, init_from=str((out / "upcycled.pt").resolve()))
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (out / "upcycle.json").write_text(json.dumps({"dense": str(dense.ckpt_dir), "scheme": scheme, "noise": noise}))
-    return out / "recipe.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,25 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SHARD = "expert_shard_rank{}.pt"
+from moex.checkpoint.format import SHARD, merge_expert_shards, read_expert_shards, torch_load
+from moex.errors import CheckpointError
+
 PORTABLE = "moex_optim_portable.pt"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
-__all__ = ["merge_expert_shards", "slice_experts", "save", "resume"]
-
-
-def merge_expert_shards(module_state: dict, shards: list[dict]) -> dict:
-    """Dense state + expert shards -> the full (ep_size 1) state dict; checks every expert is present once."""
-    merged = dict(module_state)
-    for key in sorted({k for s in shards for k in s["state"]}):
-        parts = sorted((s["offset"][key], s["state"][key]) for s in shards if key in s["state"])
-        E = shards[0]["num_experts"][key]
-        starts = [o for o, _ in parts]
-        ends = [o + t.shape[0] for o, t in parts]
-        if starts[0] != 0 or ends[-1] != E or starts[1:] != ends[:-1]:
-            raise ValueError(f"expert shards of {key} cover {list(zip(starts, ends))}, not [0, {E})")
-        merged[key] = torch.cat([t for _, t in parts])
-    return merged
+__all__ = ["slice_experts", "save", "resume"]
 
 
 def _sharded(model) -> dict:
@@ -167,16 +155,16 @@ def _layout(cfg, world: int) -> tuple:
 def resume(engine, ckpt_dir: Path, tag: str, cfg, world: int) -> dict:
     """Load checkpoint `tag` into `engine` under the current layout; returns the client state."""
     from moex import config as C
-    from moex.training import checkpoint
+    from moex.checkpoint.format import load_client_state
 
     ckpt = Path(ckpt_dir) / tag
-    client = checkpoint.load_client_state(ckpt)
+    client = load_client_state(ckpt)
     model = engine.module
     sharded = _sharded(model)
     saved_layout, layout = _layout(client["config"], client["world_size"]), _layout(C.to_dict(cfg), world)
     if saved_layout != layout and not (ckpt / PORTABLE).exists():
         if saved_layout[0] != layout[0] or sharded or list(ckpt.glob("expert_shard_rank*.pt")):
-            raise RuntimeError(f"{ckpt} was saved with (ep_size, world, zero_stage)={saved_layout} and has no "
+            raise CheckpointError(f"{ckpt} was saved with (ep_size, world, zero_stage)={saved_layout} and has no "
                                f"{PORTABLE} (a bf16 run without ZeRO); resume it with that layout, not {layout}")
         saved_layout = layout  # a dense model: DeepSpeed's loader decides, as without moex
     if saved_layout == layout:
@@ -193,16 +181,16 @@ def resume(engine, ckpt_dir: Path, tag: str, cfg, world: int) -> dict:
 
 
 def _own_shard(ckpt: Path, model) -> dict:
-    shards = [torch.load(f, map_location="cpu") for f in sorted(ckpt.glob("expert_shard_rank*.pt"))]
+    shards = read_expert_shards(ckpt)
     return slice_experts(merge_expert_shards({}, shards), model)
 
 
 def _resume_resharded(engine, ckpt: Path, client: dict) -> dict:
     """A checkpoint from another (ep_size, world, ZeRO stage): rebuild everything by parameter name."""
-    from moex.training import checkpoint
+    from moex.checkpoint.format import load_model_state
 
     model = engine.module
-    full = checkpoint.load_model_state(ckpt)  # dense + merged experts
+    full = load_model_state(ckpt)  # dense + merged experts
     state = slice_experts(full, model)
     named = dict(model.named_parameters())
     with torch.no_grad():
@@ -210,9 +198,9 @@ def _resume_resharded(engine, ckpt: Path, client: dict) -> dict:
             p.copy_(state[name])
     if _partitioned(engine):
         engine.optimizer.refresh_fp32_params()  # fp32 master partitions <- the weights just loaded
-    portable = torch.load(ckpt / PORTABLE, map_location="cpu")
+    portable = torch_load(ckpt / PORTABLE)
     moments = dict(portable["optim"])
-    shards = [torch.load(f, map_location="cpu") for f in sorted(ckpt.glob("expert_shard_rank*.pt"))]
+    shards = read_expert_shards(ckpt)
     for key in {k for s in shards for k in s["optim"]}:
         parts = sorted((s["offset"][key], s["optim"][key]) for s in shards if key in s["optim"])
         moments[key] = None if parts[0][1] is None else {k: torch.cat([m[k] for _, m in parts]) for k in ADAM_KEYS}
@@ -220,7 +208,7 @@ def _resume_resharded(engine, ckpt: Path, client: dict) -> dict:
         moments = {n: {k: slice_experts({n: m[k]}, model)[n] for k in ADAM_KEYS} for n, m in moments.items()}
         _adam_set(engine, named, moments, portable["step"])
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-    ds_state = torch.load(files[0], map_location="cpu", weights_only=False)
+    ds_state = torch_load(files[0], weights_only=False)
     sched = engine.lr_scheduler
     if sched is not None and ds_state.get("lr_scheduler") is not None:
         # Param groups differ between layouts (EP splits out expert groups), so restore the
