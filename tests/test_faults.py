@@ -33,13 +33,17 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def restore_env():
-    """The trainer exports RANK/MASTER_PORT/... into os.environ; later subprocess tests must not inherit them."""
+def _restoring_env():
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# The trainer exports RANK/MASTER_PORT/... into os.environ; later subprocess tests must not
+# inherit them (the module's reference run counts too, hence the module-scoped copy).
+restore_module_env = pytest.fixture(scope="module", autouse=True)(_restoring_env)
+restore_env = pytest.fixture(autouse=True)(_restoring_env)
 
 
 def cfg_for(root: Path, *extra: str) -> C.Config:
