@@ -38,8 +38,7 @@ def train_variant(recipe: str, overrides: list[str], out: Path, name: str, *, lo
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "moex.cli", "train", recipe, *overrides,
            f"train.out_dir={out / 'runs'}", f"train.run_name={name}", "train.progress=false"]
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    env = dict(os.environ)  # the child picks its accelerator itself (CPU only when there is no CUDA)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log(f"[{name}] " + " ".join(cmd[3:]))

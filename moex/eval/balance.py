@@ -27,7 +27,8 @@ def balance_metrics(tokens_per_expert_E: Tensor) -> dict[str, float]:
 
 
 class StatsAccumulator:
-    """Sums routing stats of many forward passes, per layer."""
+    """Sums routing stats of many forward passes, per layer, on the stats' own device: nothing
+    moves to the host (no GPU sync) until :meth:`summary`, which the trainer calls per log interval."""
 
     def __init__(self):
         self.layers: dict[int, dict[str, Tensor]] = {}
@@ -37,7 +38,7 @@ class StatsAccumulator:
         for i, s in enumerate(layer_stats):
             acc = self.layers.setdefault(i, {})
             for k, v in s.items():
-                v = v.detach().float().cpu()
+                v = v.detach().float()
                 acc[k] = acc[k] + v if k in acc else v.clone()
             self.counts[i] = self.counts.get(i, 0) + 1
 
@@ -45,7 +46,7 @@ class StatsAccumulator:
         """Per layer: balance metrics from summed loads, means of scalar stats."""
         out = []
         for i in sorted(self.layers):
-            acc, n = self.layers[i], self.counts[i]
+            acc, n = {k: v.cpu() for k, v in self.layers[i].items()}, self.counts[i]
             row: dict[str, float] = {"layer": i}
             if "tokens_per_expert" in acc:
                 row.update(balance_metrics(acc["tokens_per_expert"]))
