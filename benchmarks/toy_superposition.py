@@ -125,7 +125,7 @@ def aggregate(args) -> list[dict]:
         row = {"sparsity": s, "ratio": r, "family": fam, "d": recs[0]["d"], "seeds": len(recs),
                "active_params": recs[0]["active_params"], "units": recs[0]["units"]}
         for m in METRICS + ("alive_units",):
-            v = np.array([rec[m] for rec in recs], dtype=float)
+            v = np.array([rec.get(m, np.nan) for rec in recs], dtype=float)  # nan: not scored (see --rescore)
             row[m] = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
                       "values": v.tolist()}
         rows.append(row)
@@ -146,7 +146,7 @@ def separation(rows: list[dict], a: str = "moex", b: str = "dense-relu", m: str 
 
 
 def fmt(v: dict, digits: int = 3) -> str:
-    return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+    return "–" if np.isnan(v["mean"]) else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
 
 def markdown(rows: list[dict], args) -> str:
