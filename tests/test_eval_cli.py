@@ -23,3 +23,14 @@ def test_generate_continues_the_prompt_and_errors_are_clear(chess_run):
     bad = moex("generate", "runs/chess-tiny", "--prompt", "hello!", cwd=chess_run, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("moex: error: chess tokenizer: character 'l'")
     assert "Traceback" not in bad.stderr
+
+
+def test_eval_on_any_text_and_chess_legal(chess_run):
+    (chess_run / "games.txt").write_text(";1.e4 e5 2.Nf3 Nc6 3.Bb5 a6\n;1.d4 d5 2.c4 e6 3.Nc3 Nf6\n" * 4)
+    e = moex("eval", "runs/chess-tiny", "--data", "games.txt", "--stride", "8", "--words", "eol", cwd=chess_run)
+    assert "stride 8" in e.stdout and "word ppl" in e.stdout and "eol rule" in e.stdout
+    assert (chess_run / "runs/chess-tiny/eval-games_txt.json").is_file()
+    bad = moex("eval", "runs/chess-tiny", "--data", "games.txt", "--stride", "99", cwd=chess_run, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("moex: error: stride 99")
+    c = moex("eval", "runs/chess-tiny", "--suite", "chess-legal", "--games", "2", cwd=chess_run)
+    assert "legal-move rate" in c.stdout and "reach 40" in c.stdout

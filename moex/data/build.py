@@ -40,7 +40,7 @@ def load_documents(cfg: DataConfig, *, progress: bool = False) -> tuple[list[str
     if cfg.source == "chess_random":
         if cfg.num_games < 2:
             raise DataError(f"data.num_games={cfg.num_games}: chess_random needs at least 2 games")
-        workers = min(2, os.cpu_count() or 1) if cfg.num_games >= 500 else 1
+        workers = (cfg.num_workers or os.cpu_count() or 1) if cfg.num_games >= 500 else 1
         games = random_games(
             cfg.num_games, cfg.seed, RANDOM_GAME_MAX_PLIES, cfg.max_game_chars, workers=workers, progress=progress
         )
@@ -82,7 +82,7 @@ def _tokenizer(cfg: DataConfig, tokenizer_dir: str | Path | None, docs: _Documen
         train_docs, val_docs = docs.get()
         # char: the vocabulary covers val (and the newlines between lines) so every character encodes
         texts = _stream_docs(cfg, train_docs + val_docs) if cfg.tokenizer == "char" else train_docs
-        tok = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size)
+        tok = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, num_threads=cfg.num_workers)
     if tokenizer_dir is not None:
         tok.save(tokenizer_dir)
     return tok

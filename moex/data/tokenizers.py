@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -144,7 +145,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = int(self._sp.get_piece_size())
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe") -> "SentencePieceTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
+              num_threads: int = 0) -> "SentencePieceTokenizer":
         """Train on `texts` (one document or line each). `vocab_size` is an upper bound on tiny corpora."""
         import sentencepiece as spm
 
@@ -164,7 +166,7 @@ class SentencePieceTokenizer(Tokenizer):
             user_defined_symbols=["\n"],
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,
-            num_threads=2,
+            num_threads=num_threads or os.cpu_count() or 1,  # 0 = every core
             minloglevel=2,
         )
         return cls(model.getvalue())
@@ -218,8 +220,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: chess, byte, char, sentencepiece")
 
 
-def build_tokenizer(kind: str, texts: Iterable[str] | None = None, *, vocab_size: int = 8000) -> Tokenizer:
-    """A fresh tokenizer of `kind`; char and sentencepiece are trained on `texts`."""
+def build_tokenizer(kind: str, texts: Iterable[str] | None = None, *, vocab_size: int = 8000,
+                    num_threads: int = 0) -> Tokenizer:
+    """A fresh tokenizer of `kind`; char and sentencepiece are trained on `texts` (0 threads = every core)."""
     if kind == "chess":
         return ChessTokenizer()
     if kind == "byte":
@@ -229,7 +232,7 @@ def build_tokenizer(kind: str, texts: Iterable[str] | None = None, *, vocab_size
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "sentencepiece":
-        return SentencePieceTokenizer.train(texts, vocab_size)
+        return SentencePieceTokenizer.train(texts, vocab_size, num_threads=num_threads)
     raise DataError(f"unknown tokenizer {kind!r}; known: chess, byte, char, sentencepiece")
 
 
