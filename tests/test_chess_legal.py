@@ -99,6 +99,7 @@ def test_continuation_counts_consecutive_legal_plies():
     assert half["mean_legal_plies"] == 25 and half["continue_20"] == 1 and half["continue_40"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("stockfish") or shutil.which("/usr/games/stockfish")),
                     reason="no UCI engine installed (Debian: apt-get install stockfish)")
 def test_engine_games_add_up():

@@ -124,7 +124,7 @@ def play_engine(sample: Sampler, engine_cmd: str, *, games: int, tries: int = 3,
     # Debian installs stockfish under /usr/games, which is not on every PATH
     exe = shutil.which(engine_cmd) or shutil.which(engine_cmd, path="/usr/games") or engine_cmd
     try:
-        engine = chess.engine.SimpleEngine.popen_uci(exe)
+        engine = chess.engine.SimpleEngine.popen_uci(exe, timeout=120)  # a loaded machine starts it slowly
     except (FileNotFoundError, chess.engine.EngineError) as e:
         raise ValueError(f"--engine {engine_cmd!r} could not be started ({e}); "
                          "install one (Debian: apt-get install stockfish) or leave --engine out") from None
