@@ -48,20 +48,38 @@ def test_chess_suite_report(tmp_path):
          "--out", "rep", cwd=tmp_path)
     rep = json.loads((tmp_path / "rep/report.json").read_text())
     assert rep["games"] == 12 and rep["label_games"] == 6
-    assert set(rep["sources"]) == {"L0.moe.code", "L0.moe.gates", "L1.moe.code", "L1.moe.gates"}
+    assert set(rep["sources"]) == {f"L{i}.moe.{s}" for i in (0, 1) for s in ("code", "code_raw", "gates")}
     for r in rep["sources"].values():
         assert 0 <= r["coverage"]["score"] <= 1 and r["coverage"]["properties"] == 768
-        assert 0 <= r["reconstruction"]["score"] <= 1
+        rec = r["reconstruction"]
+        assert all(0 <= rec[k] <= 1 for k in ("score", "per_square_f1", "max_active", "max_active_per_square"))
+        assert rec["threshold"] <= 0.9
+        assert set(rec["per_threshold"]) == {"0.0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9",
+                                             "max_active"}
     assert set(rep["probe"]) == {"L0.resid", "L1.resid"} and set(rep["ksparse"]) == set(rep["sources"])
     for r in rep["probe"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["majority_baseline"] <= 1 and r["dim"] == 32
     assert rep["ksparse"]["L1.moe.code"]["piece_masked"]["properties"] == 768
+    assert (tmp_path / "rep/acts/L0.moe.code.npz").exists()  # sparse sources are stored sparse
     md = (tmp_path / "rep/report.md").read_text()
     assert md.count("| L0.resid |") == 1 and "k-sparse probing" in md and (tmp_path / "rep/chess_scores.png").exists()
     moex("interpret", "runs/chess-tiny", "--suite", "chess", "--pgn", str(tmp_path / "eval.pgn"), "--games", "12",
          "--no-probes", "--out", "rep2", cwd=tmp_path)
     rep2 = json.loads((tmp_path / "rep2/report.json").read_text())
     assert "probe" not in rep2 and "ksparse" not in rep2 and rep2["sources"].keys() == rep["sources"].keys()
+
+
+@pytest.mark.slow
+def test_chess_suite_monet_with_dense_layers(tmp_path):
+    moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *TINY, "data.num_games=30", "model.ffn=monet",
+         "model.moe_every=2", "model.moe.num_sub_experts=8", "model.moe.num_heads=2", cwd=tmp_path)
+    write_pgn(tmp_path / "eval.pgn")
+    moex("interpret", "runs/chess-tiny", "--suite", "chess", "--pgn", str(tmp_path / "eval.pgn"), "--games", "8",
+         "--no-probes", "--out", "rep", cwd=tmp_path)
+    rep = json.loads((tmp_path / "rep/report.json").read_text())
+    assert set(rep["sources"]) == {"L0.mlp.pre", "L0.mlp.post", "L1.monet.experts", "L1.monet.sub1",
+                                   "L1.monet.sub2", "L1.monet.code"}
+    assert rep["sources"]["L1.monet.experts"]["features"] == 64
 
 
 @pytest.mark.skipif(not UD.exists(), reason="shared UD data not present")

@@ -28,6 +28,9 @@ from moex.interp.features import iter_positions
 
 MAX_CHARS = 256
 HEADLINE = "piece_masked"  # the 768 "masked blank and initial state" properties
+# Scored by default: the headline and the small groups. `piece` and `empty` (832 more
+# properties, ~3x the label non-zeros) on request (--all-groups): scoring time grows with them.
+DEFAULT_GROUPS = [HEADLINE, "castling", "en_passant", "check", "material", "side_to_move"]
 
 
 def eval_games(cfg, *, pgn: str | None, n_games: int) -> tuple[list[str], str]:
@@ -63,43 +66,91 @@ def encode_games(games: list[str], tokenizer) -> torch.Tensor:
 
 def extract(model, seqs_GT, game_P, pos_P, out_dir: Path, *, batch_size: int, extra=None,
             resid: bool = False) -> dict[str, Path]:
-    """Features at (game, pos) pairs for every source, written to out_dir/<source>.npy."""
+    """Features at (game, pos) pairs for every source (rows in (game, pos) order).
+
+    Dense sources (and, with `resid`, the residual streams `L{i}.resid`) go to
+    out_dir/<source>.npy (a float32 memmap); the layers' sparse sources to
+    out_dir/<source>.npz (scipy CSR, never densified). Read back with `load_source`.
+    """
+    import scipy.sparse as sp
+
     mask_GT = torch.zeros(seqs_GT.shape, dtype=torch.bool)
     mask_GT[torch.as_tensor(game_P), torch.as_tensor(pos_P)] = True
-    # Row order of mask_GT[...] is row-major (game, pos): sort labels the same way.
+    P = int(mask_GT.sum())
     files: dict[str, Path] = {}
     arrays: dict[str, np.ndarray] = {}
+    parts: dict[str, list] = {}
     row = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    for feats in iter_positions(model, seqs_GT, mask_GT, batch_size=batch_size, resid=resid):
+    for feats in iter_positions(model, seqs_GT, mask_GT, batch_size=batch_size, resid=resid, sparse=True):
         if extra is not None:
-            feats.update(extra(feats))
+            feats.update(extra({k: v for k, v in feats.items() if isinstance(v, torch.Tensor)}))
         n = next(iter(feats.values())).shape[0]
         for name, v in feats.items():
+            if sp.issparse(v):
+                parts.setdefault(name, []).append(v)
+                continue
             if name not in arrays:
                 files[name] = out_dir / f"{name}.npy"
                 arrays[name] = np.lib.format.open_memmap(files[name], mode="w+", dtype=np.float32,
-                                                         shape=(int(mask_GT.sum()), v.shape[-1]))
+                                                         shape=(P, v.shape[-1]))
             arrays[name][row : row + n] = v.float().numpy()
         row += n
     for a in arrays.values():
         a.flush()
+    for name, chunks in parts.items():
+        files[name] = out_dir / f"{name}.npz"
+        sp.save_npz(files[name], sp.vstack(chunks, format="csr"))
     return files
 
 
+def load_source(path: Path):
+    """A source written by `extract`: a read-only (P, F) memmap, or a scipy CSR matrix."""
+    import scipy.sparse as sp
+
+    path = Path(path)
+    return sp.load_npz(path).tocsr() if path.suffix == ".npz" else np.load(path, mmap_mode="r")
+
+
+def score_source(acts_PF, labels_PQ, train_P: np.ndarray, slices: dict[str, slice], groups: list[str]) -> dict:
+    """Coverage (headline and per group of `groups`) on the labelling rows, reconstruction on the held-out rows."""
+    tr, te = np.flatnonzero(train_P), np.flatnonzero(~train_P)
+    contiguous = len(tr) == 0 or tr[-1] == len(tr) - 1  # labelling games come first: slice, no copy
+    a_tr = acts_PF[: len(tr)] if contiguous else acts_PF[tr]
+    a_te = acts_PF[len(tr):] if contiguous else acts_PF[te]
+    cols = np.concatenate([np.arange(slices[g].start, slices[g].stop) for g in groups])  # scored columns only
+    sub, start = {}, 0
+    for g in groups:
+        sub[g] = slice(start, start + slices[g].stop - slices[g].start)
+        start = sub[g].stop
+    head = sub[HEADLINE]
+    train = bsp.TrainPass(a_tr, labels_PQ[tr][:, cols], label_cols=head)
+    rec = bsp.reconstruct(train, a_te, labels_PQ[te][:, slices[HEADLINE]], classes_per_square=len(board.CLASSES))
+    return {"features": int(acts_PF.shape[1]), "coverage": train.coverage(head), "reconstruction": rec,
+            "coverage_by_group": {g: train.coverage(sl)["score"] for g, sl in sub.items()}}
+
+
 def run(loaded, *, out_dir: Path, pgn: str | None = None, n_games: int = 1000, batch_size: int = 32,
-        sae_extra=None, progress: bool = True, probes: bool = True) -> dict:
+        sae_extra=None, progress: bool = True, probes: bool = True, groups: list[str] | None = None) -> dict:
     """Coverage and reconstruction for every feature source of a loaded model; with `probes`,
-    residual-stream board probes (`probe`) and k-sparse probing per source (`ksparse`)."""
+    residual-stream board probes (`probe`) and k-sparse probing per source (`ksparse`).
+
+    Returns a JSON-able dict; per source (`sources[name]`): features, coverage (score =
+    headline coverage), reconstruction (score = headline per-class F1, per_square_f1,
+    max_active, max_active_per_square), coverage_by_group (for `groups`, default
+    DEFAULT_GROUPS).
+    """
     from moex.data import load_tokenizer
 
     games, origin = eval_games(loaded.cfg, pgn=pgn, n_games=n_games)
     tok = load_tokenizer(loaded.run_dir / "tokenizer")
     seqs_GT = encode_games(games, tok)
-    game_P, pos_P, labels_PQ, names, slices = board.labels_for_games(games)
+    groups = list(groups or DEFAULT_GROUPS)
+    if HEADLINE not in groups:
+        groups.insert(0, HEADLINE)
+    game_P, pos_P, labels_PQ, names, slices = board.labels_for_games(games)  # all groups: the probes use them
     order = np.lexsort((pos_P, game_P))  # row-major (game, pos), matching the feature rows
     game_P, pos_P, labels_PQ = game_P[order], pos_P[order], labels_PQ[order]
-    head = slices[HEADLINE]
     files = extract(loaded.model, seqs_GT, game_P, pos_P, out_dir / "acts", batch_size=batch_size, extra=sae_extra,
                     resid=probes)
     split = len(games) // 2
@@ -111,19 +162,17 @@ def run(loaded, *, out_dir: Path, pgn: str | None = None, n_games: int = 1000, b
 
         sources = tqdm(sources, desc="chess suite")
     for name in sources:
-        acts_PF = np.load(files[name], mmap_mode="r")
-        a_tr, a_te = np.asarray(acts_PF[train_P]), np.asarray(acts_PF[test_P])
+        acts_PF = load_source(files[name])
+        if name.endswith(".resid") or probes:
+            tr, te = np.flatnonzero(train_P), np.flatnonzero(test_P)
+            a_tr, a_te = acts_PF[tr], acts_PF[te]
         if name.endswith(".resid"):  # the residual stream is probed, not scored as features
             probe_res[name] = chess_probes.board_probe(a_tr, a_te, labels_PQ[train_P], labels_PQ[test_P], slices)
             continue
         if probes:
             ksparse_res[name] = chess_probes.ksparse_scores(a_tr, a_te, labels_PQ[train_P], labels_PQ[test_P], slices)
-        cov = bsp.coverage(a_tr, labels_PQ[train_P][:, head])
-        rec = bsp.reconstruction(a_tr, labels_PQ[train_P][:, head], a_te, labels_PQ[test_P][:, head])
-        groups = bsp.coverage(a_tr, labels_PQ[train_P], groups=slices)["groups"]
-        results[name] = {"features": int(acts_PF.shape[1]), "coverage": cov, "reconstruction": rec,
-                         "coverage_by_group": groups}
-    out = {"games": len(games), "games_from": origin, "positions": int(len(game_P)),
+        results[name] = score_source(acts_PF, labels_PQ, train_P, slices, groups)
+    out = {"games": len(games), "games_from": origin, "positions": int(len(game_P)), "groups": groups,
            "label_games": split, "heldout_games": len(games) - split, "sources": results}
     if probes:
         out.update(probe=probe_res, ksparse=ksparse_res)

@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", action="append", default=[], help="SAE checkpoint (moex train-sae); repeatable")
     p.add_argument("--pgn", help="chess: PGN of evaluation games (default: the run's own held-out split, "
                                   "or chess/games.pgn under the data root)")
-    p.add_argument("--games", type=int, default=1000, help="chess: number of evaluation games")
+    p.add_argument("--games", type=int, default=1000,
+                   help="chess: number of evaluation games; the first half labels features, the second half is "
+                        "held out for reconstruction")
+    p.add_argument("--all-groups", action="store_true",
+                   help="chess: also score coverage of the `piece` and `empty` property groups (slower)")
     p.add_argument("--conllu", help="text: UD treebank for POS probing (default ud-english-ewt dev under the data root)")
     p.add_argument("--sentences", type=int, default=600, help="text: number of UD sentences")
     p.add_argument("--no-probes", action="store_true",
@@ -54,7 +58,8 @@ def run(args) -> int:
 
             extra = sae_extra(args.sae)
         opts = dict(suite=args.suite, probes=not args.no_probes, sae_extra=extra, pgn=args.pgn, games=args.games,
-                    conllu=args.conllu, sentences=args.sentences, batch_size=args.batch_size)
+                    conllu=args.conllu, sentences=args.sentences, batch_size=args.batch_size,
+                    all_groups=args.all_groups)
         if args.all_checkpoints:
             points = curve.all_checkpoints(run_dir, out, **opts)
             for p in points:

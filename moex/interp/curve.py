@@ -17,8 +17,11 @@ KS_GROUP = "piece_masked"  # the chess k-sparse group the curve follows
 
 
 def score(loaded, out: Path, *, suite: str, probes: bool = True, sae_extra=None, pgn=None, games: int = 1000,
-          conllu=None, sentences: int = 600, batch_size: int = 32, progress: bool = True) -> dict:
-    """Run one suite on a loaded model; write OUT/report.json, report.md and plots; return the report."""
+          conllu=None, sentences: int = 600, batch_size: int = 32, progress: bool = True,
+          all_groups: bool = False) -> dict:
+    """Run one suite on a loaded model; write OUT/report.json, report.md and plots; return the report.
+
+    Chess: `all_groups` also scores coverage of the `piece` and `empty` property groups."""
     from moex.interp import report
 
     out = Path(out)
@@ -26,8 +29,11 @@ def score(loaded, out: Path, *, suite: str, probes: bool = True, sae_extra=None,
     if suite == "chess":
         from moex.interp import chess_suite
 
+        from moex.interp.board import PROPERTIES
+
         res = chess_suite.run(loaded, out_dir=out, pgn=pgn, n_games=games, batch_size=batch_size,
-                              sae_extra=sae_extra, probes=probes, progress=progress)
+                              sae_extra=sae_extra, probes=probes, progress=progress,
+                              groups=list(PROPERTIES) if all_groups else None)
     else:
         from moex.interp import text_suite
 

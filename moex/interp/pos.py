@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moex.interp.bsp import f1_matrix, pair_counts
+from moex.interp.bsp import Labels, f1_matrix, feature_max, tp_counts
 
 UPOS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
         "SCONJ", "SYM", "VERB", "X"]
@@ -149,15 +149,16 @@ def feature_tag_f1(acts_NF: np.ndarray, tags_N: np.ndarray, n_tags: int = len(UP
                    relative: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(best F1 per feature, its tag, best F1 per tag over features).
 
-    A feature fires when activation > threshold (x its absolute max when `relative`).
+    A feature fires when activation > threshold (x |its max| when `relative`, Karvonen's scale).
     Tokens with tag -1 are ignored.
     """
     keep = np.asarray(tags_N) >= 0
     acts_NF, tags_N = np.asarray(acts_NF)[keep], np.asarray(tags_N)[keep]
-    scale_F = np.abs(acts_NF).max(0) if relative and len(acts_NF) else np.ones(acts_NF.shape[1])
+    scale_F = feature_max(acts_NF) if relative else np.ones(acts_NF.shape[1])
     fires_NF = acts_NF > threshold * scale_F[None]
     onehot_NG = tags_N[:, None] == np.arange(n_tags)[None]
-    f1_FG = f1_matrix(*pair_counts(fires_NF, onehot_NG))[0]
+    labels = Labels(onehot_NG)
+    f1_FG = f1_matrix(*tp_counts(fires_NF, labels), labels.actual_Q)[0]
     return f1_FG.max(1), f1_FG.argmax(1), f1_FG.max(0) if len(f1_FG) else np.zeros(n_tags)
 
 

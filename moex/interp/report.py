@@ -10,7 +10,8 @@ def _f(x, nd=3) -> str:
 
 
 def chess_rows(res: dict) -> list[dict]:
-    """One row per feature source: headline coverage and reconstruction."""
+    """One row per feature source: headline coverage and reconstruction (per-class F1 at the
+    best per-square threshold), per-square F1 there, and the max-active variant."""
     rows = []
     for name, r in res["sources"].items():
         cov, rec = r["coverage"], r["reconstruction"]
@@ -18,6 +19,7 @@ def chess_rows(res: dict) -> list[dict]:
             "source": name, "features": r["features"],
             "alive": cov.get("alive"), "coverage": cov.get("score"), "coverage_t": cov.get("threshold"),
             "reconstruction": rec.get("score"), "reconstruction_t": rec.get("threshold"),
+            "per_square_f1": rec.get("per_square_f1"), "max_active": rec.get("max_active"),
             "labelled": rec.get("labelled_features"),
         })
     return rows
@@ -30,13 +32,15 @@ def markdown(res: dict) -> str:
         lines += [f"{res['games']} games from {res['games_from']}: {res['label_games']} for labelling, "
                   f"{res['heldout_games']} held out; {res['positions']} probed positions.", "",
                   "Coverage and reconstruction over the 768 'masked blank and initial state' board "
-                  "properties (Karvonen et al.; see docs/interpretability.md).", "",
-                  "| source | features | alive | coverage | t | reconstruction | t | labelled features |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "properties (Karvonen et al.; see docs/interpretability.md). Reconstruction = F1 per class "
+                  "at the threshold with the best F1 per square; max-active = the reference's t = 1.0 slot.", "",
+                  "| source | features | alive | coverage | t | reconstruction | t | F1 per square | max-active "
+                  "| labelled features |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in chess_rows(res):
             lines.append(f"| {r['source']} | {r['features']} | {r['alive']} | {_f(r['coverage'])} | "
                          f"{_f(r['coverage_t'], 1)} | {_f(r['reconstruction'])} | {_f(r['reconstruction_t'], 1)} | "
-                         f"{r['labelled']} |")
+                         f"{_f(r['per_square_f1'])} | {_f(r['max_active'])} | {r['labelled']} |")
         best = max(chess_rows(res), key=lambda r: r["coverage"] or 0)
         lines += ["", f"Best source by coverage: **{best['source']}** "
                       f"(coverage {_f(best['coverage'])}, reconstruction {_f(best['reconstruction'])})."]

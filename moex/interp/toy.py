@@ -33,7 +33,8 @@ from moex.config import MoEConfig
 from moex.models.mlp import DenseMLP
 from moex.models.moe import MoELayer
 from moex.models.monet import MonetLayer
-from moex.models.peer import PEERLayer, product_key_topk
+from moex.models.outputs import SparseCode
+from moex.models.peer import PEERLayer
 
 FAMILIES = ("dense-relu", "dense-gelu", "switch", "moex", "monet", "peer")
 
@@ -149,23 +150,10 @@ def unit_code(ffn: nn.Module, x_BN: Tensor) -> Tensor:
     summed gate (VD: both key sets' halves side by side). PEER: each of the N^2
     single-neuron experts' activation times its gate (the code `up` reads).
     """
-    if isinstance(ffn, DenseMLP):
-        return ffn.hidden(x_BN)
-    if isinstance(ffn, MoELayer):
-        from moex.interp.features import moe_features
-
-        f = moe_features(ffn, x_BN)
-        B, E = f["moe.gates"].shape
-        return (f["moe.code"].view(B, E, -1) * f["moe.gates"][..., None]).view(B, -1)
-    if isinstance(ffn, MonetLayer):
-        g1, g2 = ffn.router(x_BN)[:2]
-        hs = ffn.hidden(x_BN, g1, g2)
-        gs = (g1.sum(1), g2.sum(1))[: len(hs)]
-        return torch.cat([(g[..., None] * h).flatten(1) for g, h in zip(gs, hs)], dim=-1)
-    if isinstance(ffn, PEERLayer):
-        score, index = product_key_topk(*ffn.scores(x_BN), ffn.k)
-        B = x_BN.shape[0]
-        a = ffn.act((x_BN @ ffn.down.weight.T).gather(1, index.reshape(B, -1)))
-        code = x_BN.new_zeros(B, ffn.N * ffn.N)
-        return code.scatter_add(1, index.reshape(B, -1), score.softmax(-1).reshape(B, -1) * a)
+    # the code the layer's own forward computed (moex.interp.features), not a re-derivation
+    name = next((n for cls, n in ((DenseMLP, "mlp.post"), (MoELayer, "moe.code"), (MonetLayer, "monet.code"),
+                                  (PEERLayer, "peer.code")) if isinstance(ffn, cls)), None)
+    if name is not None:
+        code = ffn(x_BN, features=True).features[name]
+        return code.to_dense(x_BN.shape[0]) if isinstance(code, SparseCode) else code
     raise TypeError(f"no unit code for FFN type {type(ffn).__name__}")

@@ -20,6 +20,8 @@ def activation(name: str):
 class DenseMLP(nn.Module):
     """``y = proj(code(x))`` with ``code = act(fc x)``, or ``silu(fc x) * up(x)`` for SwiGLU."""
 
+    FEATURE_SOURCES = ("mlp.pre", "mlp.post")  # what forward(x, features=True) returns
+
     def __init__(self, d_model: int, d_ff: int, act: str = "gelu", *, bias: bool = False):
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
@@ -31,6 +33,11 @@ class DenseMLP(nn.Module):
         """The hidden code (the dense model's features; SwiGLU: the gated units)."""
         return activations.hidden_code(self.act_name, self.fc(x), None if self.up is None else self.up(x))
 
-    def forward(self, x: Tensor) -> FFNOutput:
-        h = self.hidden(x)
-        return FFNOutput(self.proj(h), stats={"active_frac": (h > 0).float().mean().detach()})
+    def forward(self, x: Tensor, *, features: bool = False) -> FFNOutput:
+        """With ``features``: also ``mlp.pre`` (fc x, before the activation) and ``mlp.post`` (the hidden code)."""
+        pre = self.fc(x)
+        h = activations.hidden_code(self.act_name, pre, None if self.up is None else self.up(x))  # = hidden(x)
+        feats = {}
+        if features:
+            feats = {"mlp.pre": pre.detach().reshape(-1, pre.shape[-1]), "mlp.post": h.detach().reshape(-1, h.shape[-1])}
+        return FFNOutput(self.proj(h), stats={"active_frac": (h > 0).float().mean().detach()}, features=feats)

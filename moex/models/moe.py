@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moex.config import MoEConfig
 from moex.models.mlp import DenseMLP
-from moex.models.outputs import FFNOutput, router_entropy
+from moex.models.outputs import FFNOutput, SparseCode, router_entropy
 from moex.ops import FUSED_IMPL, activations, count_active, expert_mlp, gated_scatter_add, grouped_mm, scatter_add_rows, sort_by_expert
 from moex.routers import RouterOutput, build_router
 from moex.routers.capacity import expert_capacity, keep_within_capacity, renormalise_survivors
@@ -76,8 +76,16 @@ class SharedExperts(nn.Module):
         self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        y_TD = self.mlp.proj(self.mlp.hidden(x_TD))
-        return y_TD if self.gate is None else torch.sigmoid(self.gate(x_TD)) * y_TD
+        return self.with_code(x_TD)[0]
+
+    def with_code(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, code): the output and its hidden code times the gate (``mlp.proj(code)`` = y, no bias)."""
+        h_TH = self.mlp.hidden(x_TD)
+        y_TD = self.mlp.proj(h_TH)
+        if self.gate is None:
+            return y_TD, h_TH
+        g_T1 = torch.sigmoid(self.gate(x_TD))
+        return g_T1 * y_TD, g_T1 * h_TH
 
 
 def routing_stats(r: RouterOutput, num_experts: int, num_tokens: int) -> dict[str, Tensor]:
@@ -96,6 +104,8 @@ class MoELayer(nn.Module):
     output when ``num_shared_experts > 0`` (``active_frac`` counts the routed code only).
     """
 
+    FEATURE_SOURCES = ("moe.code", "moe.code_raw", "moe.gates")  # what forward(x, features=True) returns
+
     def __init__(self, d_model: int, cfg: MoEConfig, *, std: float = 0.02):
         super().__init__()
         self.cfg = cfg
@@ -103,10 +113,21 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg.num_experts, d_model, cfg.d_expert, cfg.activation, std)
         d_shared = cfg.num_shared_experts * (cfg.d_shared_expert or cfg.d_expert)
         self.shared = SharedExperts(d_model, d_shared, cfg.activation, cfg.shared_expert_gate) if d_shared else None
+        if self.shared is not None:  # the shared experts' (gated) hidden code is one more source
+            self.FEATURE_SOURCES = (*MoELayer.FEATURE_SOURCES, "moe.shared")
         # Expert-parallel dispatch is plugged in by moex.parallel (None = all experts local).
         self.dispatcher = None
 
-    def forward(self, x: Tensor) -> FFNOutput:
+    def forward(self, x: Tensor, *, features: bool = False) -> FFNOutput:
+        """y = sum over the token's kept assignments of gate * expert(x).
+
+        With ``features``, ``out.features`` holds what this forward computed, on the kept
+        assignments only (capacity drops excluded), as SparseCodes over the E*H wide code:
+        ``moe.code`` = gate * hidden (W_dec applied to it gives y exactly), ``moe.code_raw`` =
+        the unweighted hidden units, ``moe.gates`` = the gate per expert (E columns); with shared
+        experts also ``moe.shared`` (dense: their hidden code times their gate; ``shared.mlp.proj``
+        of it is their output).
+        """
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T, E = x_TD.shape[0], self.cfg.num_experts
@@ -131,9 +152,25 @@ class MoELayer(nn.Module):
         # active hidden units per token / all E*H units (the wide sparse code)
         relu_code = impl is not None and self.experts.act_name == "relu"  # the op writes exact +0.0 when off
         stats["active_frac"] = count_active(h_SH.detach(), relu_code=relu_code) / (T * E * self.cfg.d_expert)
+        feats = self._features(token_S, gate_S, counts_E, h_SH) if features else {}
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats)
+            y_sh, code_sh = self.shared.with_code(x_TD)
+            y_TD = y_TD + y_sh
+            if features:
+                feats["moe.shared"] = code_sh.detach()
+        return FFNOutput(y_TD.reshape(shape), r.aux_losses, stats, feats)
+
+    def _features(self, token_S: Tensor, gate_S: Tensor, counts_E: Tensor, h_SH: Tensor) -> dict[str, SparseCode]:
+        """The wide sparse code of the rows this forward kept (rows sorted by expert)."""
+        if self.dispatcher is not None:
+            raise ValueError("MoE feature sources need all experts local (no expert-parallel dispatcher)")
+        E, H = self.cfg.num_experts, self.cfg.d_expert
+        expert_S = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E).to(token_S.device)
+        h_SH = h_SH.detach()
+        g_S1 = gate_S.detach().to(h_SH.dtype).unsqueeze(-1)
+        return {"moe.code": SparseCode(token_S, expert_S, h_SH * g_S1, E * H),
+                "moe.code_raw": SparseCode(token_S, expert_S, h_SH, E * H),
+                "moe.gates": SparseCode(token_S, expert_S, g_S1, E)}
 
     def _unfused(self, x_TD: Tensor, token_S: Tensor, gate_S: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
         """Gather, grouped GEMMs (or the EP dispatcher), combine; the gate on the narrower side."""

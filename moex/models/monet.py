@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from moex.config import MoEConfig, ModelConfig
-from moex.models.outputs import FFNOutput, router_entropy
+from moex.models.outputs import FFNOutput, SparseCode, router_entropy
 from moex.ops.activations import relu2
 
 AUX_COEF = 1e-3
@@ -87,6 +87,8 @@ def monet_aux_losses(g1_THN: Tensor, g2_THN: Tensor) -> dict[str, Tensor]:
 
 class MonetLayer(nn.Module):
     """A Monet FFN (HD or VD). `forward(x)` accepts (..., D) and returns FFNOutput."""
+
+    FEATURE_SOURCES = ("monet.experts", "monet.sub1", "monet.sub2", "monet.code")  # forward(x, features=True)
 
     def __init__(self, d_model: int, cfg: MoEConfig, router: MonetRouter | None = None):
         super().__init__()
@@ -144,13 +146,37 @@ class MonetLayer(nn.Module):
                + self.v22((G2_TN[..., None] * h2).flatten(1)) + G2_TN @ self.b2_ND2)
         return torch.cat((top, bot), dim=-1)
 
-    def forward(self, x: Tensor) -> FFNOutput:
+    def forward(self, x: Tensor, *, features: bool = False) -> FFNOutput:
+        """With ``features``, ``out.features`` holds (see ``_features``) ``monet.experts``,
+        ``monet.sub1``, ``monet.sub2`` and ``monet.code`` from this forward's gates and hidden units."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         g1, g2, z1, z2, keep1, keep2 = self.router(x_TD)
         hs = self.hidden(x_TD, g1, g2)
         y_TD = self.combine(hs, g1, g2)
-        return FFNOutput(y_TD.reshape(shape), monet_aux_losses(g1, g2), self._stats(hs, z1, z2, keep1, keep2))
+        feats = self._features(hs, g1, g2, keep1, keep2) if features else {}
+        return FFNOutput(y_TD.reshape(shape), monet_aux_losses(g1, g2), self._stats(hs, z1, z2, keep1, keep2), feats)
+
+    @torch.no_grad()
+    def _features(self, hs, g1_THN: Tensor, g2_THN: Tensor, keep1_THN: Tensor, keep2_THN: Tensor) -> dict:
+        """Monet's feature sources, all zero outside the kept sub-experts:
+
+        - ``monet.experts`` (N*N, column i*N + j): expert (i, j)'s weight sum_h g1_hi g2_hj;
+        - ``monet.sub1`` / ``monet.sub2`` (N each): a sub-expert's gate summed over heads, G_i = sum_h g_hi;
+        - ``monet.code`` (N*M): every sub-expert hidden unit times its sub-expert's G. HD: G1_i h_i
+          (the weight of unit (i, m) summed over all experts (i, j)); VD: [G1_i h1_i ; G2_j h2_j].
+        """
+        T, N = g1_THN.shape[0], self.N
+        G1_TN, G2_TN = g1_THN.sum(1), g2_THN.sum(1)
+        rows, blocks, vals = [], [], []
+        for part, (h_TNm, G_TN, keep_THN) in enumerate(zip(hs, (G1_TN, G2_TN), (keep1_THN, keep2_THN))):
+            t_U, i_U = keep_THN.any(1).nonzero(as_tuple=True)
+            rows.append(t_U)
+            blocks.append(i_U + part * N)
+            vals.append(G_TN[t_U, i_U, None].to(h_TNm.dtype) * h_TNm[t_U, i_U])
+        code = SparseCode(torch.cat(rows), torch.cat(blocks), torch.cat(vals), N * self.M)
+        return {"monet.experts": expert_weights(g1_THN, g2_THN, keep1_THN, keep2_THN), "monet.sub1": G1_TN,
+                "monet.sub2": G2_TN, "monet.code": code}
 
     @torch.no_grad()
     def _stats(self, hs, z1, z2, keep1, keep2) -> dict[str, Tensor]:
@@ -167,6 +193,26 @@ class MonetLayer(nn.Module):
             "dropped_frac": torch.zeros(()),
             "active_frac": active.float() / (T * self.N * self.M),
         }
+
+
+def expert_weights(g1_THN: Tensor, g2_THN: Tensor, keep1_THN: Tensor, keep2_THN: Tensor) -> SparseCode:
+    """sum_h g1_hi g2_hj over the pairs (i, j) kept in the same head, as a (T, N*N) SparseCode.
+
+    A join of the two kept lists per (token, head): memory is the number of kept pairs,
+    never T x N x N.
+    """
+    T, H, N = g1_THN.shape
+    t1, h1, i1 = keep1_THN.nonzero(as_tuple=True)  # sorted by (t, h)
+    t2, h2, j2 = keep2_THN.nonzero(as_tuple=True)
+    grp1, grp2 = t1 * H + h1, t2 * H + h2
+    c2_G = torch.bincount(grp2, minlength=T * H)
+    start2_G = torch.cumsum(c2_G, 0) - c2_G
+    reps_1 = c2_G[grp1]  # each kept i pairs with every kept j of its (t, h)
+    a_P = torch.repeat_interleave(torch.arange(grp1.numel(), device=grp1.device), reps_1)
+    first_1 = torch.cumsum(reps_1, 0) - reps_1
+    b_P = start2_G[grp1[a_P]] + torch.arange(a_P.numel(), device=a_P.device) - first_1[a_P]
+    w_P = g1_THN[t1[a_P], h1[a_P], i1[a_P]] * g2_THN[t2[b_P], h2[b_P], j2[b_P]]
+    return SparseCode(t1[a_P], i1[a_P] * N + j2[b_P], w_P[:, None], N * N)
 
 
 _CACHE = "_monet_router_cache"  # lives on the ModelConfig only while one GPT is being built

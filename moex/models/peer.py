@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moex.config import MoEConfig, ModelConfig
 from moex.models.mlp import activation
-from moex.models.outputs import FFNOutput, router_entropy
+from moex.models.outputs import FFNOutput, SparseCode, router_entropy
 
 
 def _candidate_pairs(k: int, device) -> tuple[Tensor, Tensor]:
@@ -48,6 +48,8 @@ def product_key_topk(s1_THN: Tensor, s2_THN: Tensor, k: int) -> tuple[Tensor, Te
 
 class PEERLayer(nn.Module):
     """PEER FFN. `forward(x)` accepts (..., D) and returns FFNOutput."""
+
+    FEATURE_SOURCES = ("peer.code", "peer.code_raw")  # what forward(x, features=True) returns
 
     def __init__(self, d_model: int, cfg: MoEConfig, *, query_norm: bool = True):
         super().__init__()
@@ -81,7 +83,10 @@ class PEERLayer(nn.Module):
         s2_THN = torch.einsum("thk,hnk->thn", q2, self.keys2_HNK.float())
         return s1_THN, s2_THN
 
-    def forward(self, x: Tensor) -> FFNOutput:
+    def forward(self, x: Tensor, *, features: bool = False) -> FFNOutput:
+        """With ``features``, ``out.features`` holds SparseCodes over the N*N experts (column = expert
+        index i*N + j) on the retrieved experts only: ``peer.code`` = sum_h g_hp act(u_p . x) (the up
+        vectors applied to it give y exactly) and ``peer.code_raw`` = act(u_p . x)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         score_THk, index_THk = product_key_topk(*self.scores(x_TD), self.k)
@@ -99,7 +104,22 @@ class PEERLayer(nn.Module):
                 "dropped_frac": torch.zeros(()),
                 "active_frac": (a_THk > 0).sum().float() / (x_TD.shape[0] * P),
             }
-        return FFNOutput(y_TD.reshape(shape), {}, stats)
+        feats = self._features(g_THk, a_THk, index_THk) if features else {}
+        return FFNOutput(y_TD.reshape(shape), {}, stats, feats)
+
+    @torch.no_grad()
+    def _features(self, g_THk: Tensor, a_THk: Tensor, index_THk: Tensor) -> dict[str, SparseCode]:
+        T, P = g_THk.shape[0], self.N * self.N
+        idx_TK = index_THk.reshape(T, -1)
+        rows_TK = torch.arange(T, device=idx_TK.device)[:, None].expand_as(idx_TK)
+        # an expert retrieved by several heads: the gated code adds up, the raw activation counts once
+        sorted_TK, order_TK = idx_TK.sort(-1)
+        first_TK = torch.ones_like(sorted_TK, dtype=torch.bool)
+        first_TK[:, 1:] = sorted_TK[:, 1:] != sorted_TK[:, :-1]
+        raw_TK = a_THk.reshape(T, -1).gather(1, order_TK) * first_TK
+        code = SparseCode(rows_TK.reshape(-1), idx_TK.reshape(-1), (g_THk * a_THk).reshape(-1, 1), P)
+        raw = SparseCode(rows_TK.reshape(-1), sorted_TK.reshape(-1), raw_TK.reshape(-1, 1), P)
+        return {"peer.code": code, "peer.code_raw": raw}
 
     def _forward_gather(self, x_TD, g_THk, index_THk):
         """Retrieval proper: gather the H*k neurons of each token (memory T*H*k*D)."""

@@ -49,9 +49,10 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: Tensor, rope_cs, kv: LayerKV | None = None) -> tuple[Tensor, FFNOutput]:
+    def forward(self, x_BTD: Tensor, rope_cs, kv: LayerKV | None = None, features: bool = False) -> tuple[Tensor, FFNOutput]:
         x_BTD = x_BTD + self.drop(self.attn(self.ln1(x_BTD), rope_cs, kv))
-        out = self.ffn(self.ln2(x_BTD))
+        h_BTD = self.ln2(x_BTD)
+        out = self.ffn(h_BTD, features=True) if features else self.ffn(h_BTD)
         return x_BTD + self.drop(out.y), out
 
 
@@ -78,6 +79,8 @@ class ModelOutput:
     ce_loss: Tensor | None  # cross-entropy alone (what perplexity is made of)
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # summed over layers
     layer_stats: list[dict[str, Tensor]] = field(default_factory=list)  # one per layer
+    # forward(..., features=True) only: each layer's FFNOutput.features (rows = B*T, row-major)
+    layer_features: list[dict] = field(default_factory=list)
 
 
 class GPT(nn.Module):
@@ -109,8 +112,10 @@ class GPT(nn.Module):
         """An empty KV cache for `forward(..., cache=)`, holding up to block_size positions."""
         return KVCache(self.cfg.n_layer, self.cfg.block_size)
 
-    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None, *, cache: KVCache | None = None) -> ModelOutput:
-        """Logits (and losses with targets). With `cache`, idx_BT continues the cached tokens."""
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None, *, cache: KVCache | None = None,
+                features: bool = False) -> ModelOutput:
+        """Logits (and losses with targets). With `cache`, idx_BT continues the cached tokens. With
+        ``features``, every layer's feature sources too (``layer_features``)."""
         B, T = idx_BT.shape
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.cfg.block_size:
@@ -125,18 +130,19 @@ class GPT(nn.Module):
             rope_cs = cos[pos0:], sin[pos0:]
         x = self.drop(x)
         aux: dict[str, Tensor] = {}
-        stats = []
+        stats, feats = [], []
         for i, block in enumerate(self.blocks):
-            x, out = block(x, rope_cs, cache.layers[i] if cache is not None else None)
+            x, out = block(x, rope_cs, cache.layers[i] if cache is not None else None, features)
             for k, v in out.aux_losses.items():
                 aux[k] = aux[k] + v if k in aux else v
             stats.append(out.stats)
+            feats.append(out.features)
         logits = self.lm_head(self.ln_f(x))
         loss = ce = None
         if targets_BT is not None:
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1))
             loss = ce + sum(aux.values()) if aux else ce
-        return ModelOutput(logits, loss, ce, aux, stats)
+        return ModelOutput(logits, loss, ce, aux, stats, feats if features else [])
 
 
 def param_counts(model: GPT) -> dict[str, int]:
