@@ -137,6 +137,7 @@ PLUGINS = {
     "upcycle": ("moex.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),
     "train-sae": ("moex.interp.sae_command", "train a sparse autoencoder on a dense model's MLP activations"),
+    "import": ("moex.interop.hf_import", "convert a Hugging Face checkpoint (Llama, GPT-2, Mixtral, OLMoE, Qwen2-MoE) into a run"),
     "export": ("moex.interop.export_command", "write a run's model as safetensors + config (moex or Hugging Face layout)"),
     "generate": ("moex.eval.generate", "sample text from a trained run (KV cache; temperature, top-k, top-p)"),
 }

@@ -116,7 +116,7 @@ class ModelConfig:
     ffn: Literal["dense", "moe", "monet", "peer"] = "moe"
     moe_every: int = 1  # layer i is sparse when i % moe_every == moe_every - 1
     d_ff: int = 512  # dense MLP hidden size
-    mlp_activation: Literal["relu", "gelu", "relu2", "swiglu"] = "gelu"
+    mlp_activation: Literal["relu", "gelu", "gelu_tanh", "relu2", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's
     moe: MoEConfig = field(default_factory=MoEConfig)
     init_std: float = 0.02
     # Decoder options of the published families (docs/interop.md). The defaults are
@@ -169,7 +169,7 @@ class DataConfig:
     val_path: Optional[str] = None  # optional separate validation file
     hf_config: Optional[str] = None
     text_field: str = "text"
-    tokenizer: Literal["chess", "byte", "char", "sentencepiece"] = "chess"
+    tokenizer: Literal["chess", "byte", "char", "sentencepiece", "hf"] = "chess"  # hf: an imported model's
     vocab_size: int = 8000  # sentencepiece only
     num_games: int = 2000  # chess_random: games to generate; pgn: max games to read (0 = all)
     max_game_chars: int = 1023

@@ -55,7 +55,11 @@ def upcycle_state(dense_state: dict, dense_cfg: C.ModelConfig, moe_cfg: C.ModelC
         raise ValueError(f"upcycling needs a dense model (model.ffn=dense) whose mlp_activation equals the experts' "
                          f"model.moe.activation; got {dense_cfg.ffn} {dense_cfg.mlp_activation!r} -> "
                          f"{moe_cfg.moe.activation!r} (MoE-X: relu)")
-    for key in ("n_layer", "d_model", "n_head", "vocab_size", "pos_emb", "block_size", "tie_embeddings"):
+    if dense_cfg.bias == "all":
+        raise ValueError("upcycling needs a dense MLP without biases (model.bias=none or qkv): experts have no "
+                         "biases, so the dense layer could not be reproduced (e.g. an imported GPT-2)")
+    for key in ("n_layer", "d_model", "n_head", "vocab_size", "pos_emb", "block_size", "tie_embeddings",
+                "norm", "norm_eps", "n_kv_head", "rope_base", "qk_norm", "bias"):
         if getattr(dense_cfg, key) != getattr(moe_cfg, key):
             raise ValueError(f"model.{key} differs: dense {getattr(dense_cfg, key)} vs MoE {getattr(moe_cfg, key)}")
     E, H, F = moe_cfg.moe.num_experts, moe_cfg.moe.d_expert, dense_cfg.d_ff

@@ -126,3 +126,19 @@ def test_defaults_keep_the_original_state_dict_keys():
 def test_bad_kv_heads_is_a_config_error():
     with pytest.raises(C.ConfigError, match="n_kv_head"):
         tiny_cfg("model.n_kv_head=3")
+
+
+def test_gelu_tanh_matches_gpt2_formula_forward_and_backward():
+    from moex.models.mlp import DenseMLP
+    from moex.ops import activations
+
+    torch.manual_seed(0)
+    mlp = DenseMLP(8, 16, "gelu_tanh")
+    x = torch.randn(5, 8)
+    pre = mlp.fc(x)
+    ref = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))  # GPT-2's gelu_new
+    torch.testing.assert_close(mlp.hidden(x), ref)
+    p = torch.randn(50, requires_grad=True)
+    g = torch.randn(50)
+    (0.5 * p * (1 + torch.tanh(math.sqrt(2 / math.pi) * (p + 0.044715 * p**3))) * g).sum().backward()
+    torch.testing.assert_close(activations.get("gelu_tanh").grad(g, p.detach()), p.grad)

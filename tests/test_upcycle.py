@@ -117,3 +117,14 @@ def test_partition_scheme_reproduces_dense_when_k_distinct_chunks_are_chosen():
     h1 = torch.relu(x @ layer.experts.w1_EDH[1]) @ layer.experts.w2_EHD[1]
     torch.testing.assert_close(0.5 * h0 + 0.5 * h1, mlp(x).y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.experts.w1_EDH[2], layer.experts.w1_EDH[0])  # expert 2 repeats chunk 0
+
+
+def test_dense_mlp_biases_cannot_be_upcycled():
+    """GPT-2's MLP biases have no place in bias-free experts: refused, not silently dropped."""
+    dcfg = C.load(None, ["model.vocab_size=16", "model.n_layer=1", "model.d_model=16", "model.n_head=2",
+                         "model.block_size=8", "model.ffn=dense", "model.d_ff=16", "model.mlp_activation=relu",
+                         "model.bias=all"])
+    mcfg = C.load(None, ["model.vocab_size=16", "model.n_layer=1", "model.d_model=16", "model.n_head=2",
+                         "model.block_size=8", "model.moe.d_expert=16", "model.bias=all"])
+    with pytest.raises(ValueError, match="without biases"):
+        upcycle_state(GPT(dcfg.model).state_dict(), dcfg.model, mcfg.model, scheme="copy")

@@ -192,6 +192,43 @@ class SentencePieceTokenizer(Tokenizer):
         return path
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer (an imported model's), from its `tokenizer.json`.
+
+    Text is encoded without special tokens (no BOS/EOS added), as moex packs documents itself.
+    """
+
+    kind = "hf"
+    MODEL_FILE = "hf_tokenizer.json"
+
+    def __init__(self, json_text: str):
+        from tokenizers import Tokenizer as _Tok
+
+        self.json_text = json_text
+        self._tok = _Tok.from_str(json_text)
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def identity(self) -> str:
+        return f"{self.kind}-{hashlib.sha256(self.json_text.encode()).hexdigest()[:16]}"
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / self.MODEL_FILE).write_text(self.json_text)
+        path = directory / TOKENIZER_FILE
+        path.write_text(json.dumps({"kind": self.kind, "vocab_size": self.vocab_size, "model_file": self.MODEL_FILE}))
+        return path
+
+
 def has_saved_tokenizer(directory: str | Path | None) -> bool:
     return directory is not None and (Path(directory) / TOKENIZER_FILE).is_file()
 
@@ -217,7 +254,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if not model_path.is_file():
             raise DataError(f"{path}: sentencepiece model file {model_path} is missing")
         return SentencePieceTokenizer(model_path.read_bytes())
-    raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: chess, byte, char, sentencepiece")
+    if kind == "hf":
+        model_path = Path(directory) / meta.get("model_file", HFTokenizer.MODEL_FILE)
+        if not model_path.is_file():
+            raise DataError(f"{path}: Hugging Face tokenizer file {model_path} is missing")
+        return HFTokenizer(model_path.read_text())
+    raise DataError(f"{path}: unknown tokenizer kind {kind!r}; known: chess, byte, char, sentencepiece, hf")
 
 
 def build_tokenizer(kind: str, texts: Iterable[str] | None = None, *, vocab_size: int = 8000,
@@ -233,6 +275,9 @@ def build_tokenizer(kind: str, texts: Iterable[str] | None = None, *, vocab_size
         return CharTokenizer.train(texts)
     if kind == "sentencepiece":
         return SentencePieceTokenizer.train(texts, vocab_size, num_threads=num_threads)
+    if kind == "hf":
+        raise DataError("data.tokenizer=hf is an imported model's tokenizer and cannot be built from text: "
+                        "import the model with `moex import hf`, or set train.init_from to the imported run")
     raise DataError(f"unknown tokenizer {kind!r}; known: chess, byte, char, sentencepiece")
 
 

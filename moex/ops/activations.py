@@ -55,6 +55,9 @@ class Activation:
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("relu", F.relu, _relu_grad),
     "gelu": Activation("gelu", F.gelu, lambda g, pre: torch.ops.aten.gelu_backward(g, pre)),
+    # GPT-2's "gelu_new" (tanh approximation); the dense MLP of imported GPT-2 models
+    "gelu_tanh": Activation("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"),
+                            lambda g, pre: torch.ops.aten.gelu_backward(g, pre, approximate="tanh")),
     "relu2": Activation("relu2", relu2, _relu2_grad),
     "swiglu": Activation("swiglu", F.silu, lambda g, pre: torch.ops.aten.silu_backward(g, pre), gated=True),
 }
