@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moex.cli import main  # noqa: E402
-from moex.eval.load import load_model  # noqa: E402
+from moex.checkpoint.load import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UD = ROOT.parent / "shared/data/ud-english-ewt/en_ewt-ud-dev.conllu"

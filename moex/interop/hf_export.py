@@ -20,7 +20,7 @@ from moex.interop.hf_weights import export_state
 def export_hf(run: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    from moex.eval.load import load_model
+    from moex.checkpoint.load import load_model
 
     loaded = load_model(run)
     m = loaded.cfg.model

@@ -78,7 +78,7 @@ def save_tokenizer(directory: Path, out: Path) -> str:
 def import_hf(src: str, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Convert a Hugging Face checkpoint into the moex run directory `out`; returns it."""
     from moex.models import GPT
-    from moex.training import checkpoint
+    from moex import checkpoint
 
     directory = resolve_source(src)
     hf = read_hf_config(directory)
