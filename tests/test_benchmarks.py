@@ -49,3 +49,20 @@ def test_toy_superposition_resumes_from_its_cache(tmp_path):
     cached = (tmp_path / "cache" / "cache.0.jsonl").read_text()
     res2, _ = run(*args, tmp_path=tmp_path)  # everything cached: nothing retrained, same numbers
     assert (tmp_path / "cache" / "cache.0.jsonl").read_text() == cached and res2["rows"] == res["rows"]
+
+
+def test_chess_experiment_variants_have_equal_active_ffn_params():
+    """Dense, MoE-X and Switch variants of the chess experiment differ only by the router's D x E per layer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import chess_interp as ci
+
+    from moex import config as C
+    from moex.models.info import describe
+
+    active = {n: describe(C.load(str(ci.RECIPE), ov + ["model.vocab_size=32"]))["params_active"]
+              for n, ov in ci.VARIANTS.items()}
+    D, E, L = 128, 8, 4
+    assert active["dense-relu"] == active["dense-gelu"] == active["moex"]  # MoE-X's router has no parameters
+    assert active["switch"] == active["dense-relu"] + L * D * E
+    assert abs(active["monet-vd"] / active["dense-relu"] - 1) < 0.05  # + its routers, shared per 2 layers
+    assert ci.max_steps() % 2 == 0 and ci.max_steps() // 2 % 200 == 0  # the upcycle start is a kept checkpoint
