@@ -78,9 +78,10 @@ def evaluate_text(path: str | Path, data: str, *, split: str | None = None, hf_c
         raise ValueError(f"--split {split!r} names a hub dataset split; {data!r} is a local file")
     tok = load_tokenizer(loaded.run_dir / "tokenizer")
     chunks, n_lines, n_words, batch = [], 0, 0, []
+    sep = "\n" if cfg.data.source == "text" else ""  # as training streams them: chess games have no newline
 
     def flush():
-        chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([d + "\n" for d in batch]))
+        chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([d + sep for d in batch]))
         batch.clear()
 
     for doc in iter_text_documents(dcfg, data, split or "test"):
