@@ -59,8 +59,8 @@ def evaluate_text(path: str | Path, data: str, *, split: str | None = None, hf_c
                   progress: bool = True) -> dict:
     """Token- and word-level perplexity of a run on any text file/directory or hub dataset (`hf:NAME`).
 
-    Every line (hub: every row) is encoded with the run's tokenizer followed by a
-    newline, exactly as training builds its token stream; `stride` as in
+    Every line (hub: every row) is encoded with the run's tokenizer (text runs: followed by a
+    newline), exactly as training builds its token stream; `stride` as in
     `evaluate_checkpoint` (0 = non-overlapping blocks of block_size + 1 tokens).
     """
     import dataclasses
