@@ -32,5 +32,8 @@ def test_eval_on_any_text_and_chess_legal(chess_run):
     assert (chess_run / "runs/chess-tiny/eval-games_txt.json").is_file()
     bad = moex("eval", "runs/chess-tiny", "--data", "games.txt", "--stride", "99", cwd=chess_run, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("moex: error: stride 99")
-    c = moex("eval", "runs/chess-tiny", "--suite", "chess-legal", "--games", "2", cwd=chess_run)
+    pgn = "".join(f'[Event "{i}"]\n[Result "*"]\n\n1. e4 e5 2. Nf3 Nc6 3. Bb5 a6 4. Ba4 Nf6 5. O-O Be7 *\n\n'
+                  for i in range(2))
+    (chess_run / "games.pgn").write_text(pgn)  # the test must not depend on where the shared data lies
+    c = moex("eval", "runs/chess-tiny", "--suite", "chess-legal", "--games", "2", "--pgn", "games.pgn", cwd=chess_run)
     assert "legal-move rate" in c.stdout and "reach 40" in c.stdout
