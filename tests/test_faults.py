@@ -207,6 +207,16 @@ def test_model_shape_change_is_refused_before_anything_is_written(reference, tmp
 
 # ------------------------------------------------------------------ signals
 def test_first_ctrl_c_checkpoints_and_second_aborts(tmp_path):
+    # A shell starts background jobs with SIGINT ignored: give the test Python's default handler
+    # so the trainer's own handler is what is exercised, and restore whatever was there.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_twice(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _ctrl_c_twice(tmp_path):
     t = Trainer(cfg_for(tmp_path, "train.max_steps=20", "train.ckpt_interval=100"), log=lambda s: None)
     real = t._step
 
