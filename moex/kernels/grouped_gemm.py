@@ -45,10 +45,9 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
-                     stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATHER: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+def _row_tile(rows_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
+    """This program's row tile: its expert, row/column/k offsets, masks and operand source rows."""
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_p)
@@ -63,6 +62,16 @@ def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_pt
         src = tl.load(rows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
     else:
         src = rm.to(tl.int64)
+    return e, rm, rn, rk, m_ok, n_ok, src
+
+
+@triton.jit
+def _gmm_rows_kernel(x_ptr, rows_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N, K,
+                     stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GATHER: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    e, rm, rn, rk, m_ok, n_ok, src = _row_tile(rows_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N,
+                                                BLOCK_M, BLOCK_N, BLOCK_K, GATHER)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
@@ -82,20 +91,8 @@ def _gmm_swiglu_kernel(x_ptr, rows_ptr, w1_ptr, w3_ptr, pre_ptr, up_ptr, h_ptr, 
                        GATHER: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """Both SwiGLU projections of a row tile in one pass over x, with the gating as epilogue:
     pre = x @ w1[e], up = x @ w3[e], h = silu(pre) * up (w1 and w3 share strides)."""
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_p)
-    row0 = tl.load(tile_row_ptr + pid_p)
-    end = tl.load(tile_end_ptr + pid_p)
-    rm = row0 + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < end
-    n_ok = rn < N
-    if GATHER:
-        src = tl.load(rows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
-    else:
-        src = rm.to(tl.int64)
+    e, rm, rn, rk, m_ok, n_ok, src = _row_tile(rows_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, N,
+                                                BLOCK_M, BLOCK_N, BLOCK_K, GATHER)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
