@@ -38,9 +38,10 @@ VARIANTS = {
     "moex": MOE + ["model.moe.router=moex", "model.moe.top_k=2", "model.moe.d_expert=128"],
     "switch": MOE + ["model.moe.router=topk", "model.moe.top_k=1", "model.moe.d_expert=256"],
     "dense-gelu": ["model.ffn=dense", "model.mlp_activation=gelu"],
-    "monet-vd": ["model.ffn=monet", "model.moe.monet_mode=vd", "model.moe.num_sub_experts=16", "model.moe.num_heads=2",
-                 "model.moe.top_k=4", "model.moe.d_expert=32", "model.moe.router_share_every=2"],
-    "peer": ["model.ffn=peer", "model.moe.num_sub_experts=32", "model.moe.num_heads=8", "model.moe.top_k=32"],
+    "monet-vd": ["model.ffn=monet", "model.monet.mode=vd", "model.monet.num_sub_experts=16", "model.monet.num_heads=2",
+                 "model.monet.top_k=4", "model.monet.d_expert=32", "model.monet.router_share_every=2"],
+    "peer": ["model.ffn=peer", "model.peer.num_sub_experts=32", "model.peer.num_heads=8", "model.peer.top_k=32",
+             "model.peer.activation=relu"],
 }
 LANE = ["dense-relu", "moex", "switch", "moex-upcycled", "sae", "dense-gelu", "monet-vd"]  # PEER: see --variants peer
 SAE_LAYER = 2

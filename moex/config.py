@@ -20,7 +20,7 @@ import yaml
 
 from moex.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "dump", "validate", "apply_overrides"]
+__all__ = ["Config", "MoEConfig", "MonetConfig", "PEERConfig", "ConfigError", "load", "from_dict", "from_saved", "migrate_saved", "to_dict", "dump", "validate", "apply_overrides"]
 
 
 def _need(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -46,7 +46,7 @@ def _non_negative(obj: Any, section: str, *names: str) -> None:
 
 @dataclass(kw_only=True)
 class MoEConfig:
-    """A sparse FFN layer: router -> permutation -> experts -> weighted combine."""
+    """Routed experts (model.ffn=moe): router -> dispatch -> experts -> weighted combine."""
 
     num_experts: int = 8
     top_k: int = 2
@@ -76,15 +76,9 @@ class MoEConfig:
     # expert-choice: tokens per expert = capacity_factor * T * k / E (k from top_k)
     # aux-loss-free balancing (sigmoid gates): bias step per update
     bias_update_rate: float = 1e-3
-    # PEER / Monet product-key settings (used only by those layers)
-    num_sub_experts: int = 16  # sub-experts per key set (experts = this squared)
-    num_heads: int = 1
-    router_share_every: int = 1  # Monet: one router shared by groups of this many layers
-    monet_mode: Literal["hd", "vd"] = "hd"
 
     def validate(self, section: str = "model.moe", *, ffn: str = "moe") -> None:
-        _positive(self, section, "num_experts", "top_k", "d_expert", "num_sub_experts", "num_heads",
-                  "router_share_every")
+        _positive(self, section, "num_experts", "top_k", "d_expert")
         _non_negative(self, section, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
         if self.capacity_factor is not None:
             _need(self.capacity_factor > 0, f"{section}.capacity_factor", self.capacity_factor,
@@ -99,6 +93,44 @@ class MoEConfig:
 
             valid = known_routers()
             _need(self.router in valid, f"{section}.router", self.router, f"is not a router; valid: {', '.join(valid)}")
+
+
+@dataclass(kw_only=True)
+class MonetConfig:
+    """Monet (model.ffn=monet): N*N experts built from two sets of N sub-experts, H router heads."""
+
+    num_sub_experts: int = 16  # N sub-experts per key set (N*N experts)
+    num_heads: int = 1  # routing heads; expert (i, j) weighs sum_h g1_hi g2_hj
+    top_k: int = 2  # sub-experts kept per key set and head (threshold Phi^-1(1 - k/N); < N)
+    d_expert: int = 256  # hidden units per sub-expert (even for vd)
+    mode: Literal["hd", "vd"] = "hd"  # horizontal or vertical expert decomposition
+    router_share_every: int = 1  # one router shared by groups of this many sparse layers
+    uniformity_coef: float = 1e-3  # aux loss: N * sum_i (mean_t g_i - 1/N)^2
+    ambiguity_coef: float = 1e-3  # aux loss: mean(1 - max_i g_i)
+
+    def validate(self, section: str = "model.monet") -> None:
+        _positive(self, section, "num_sub_experts", "num_heads", "top_k", "d_expert", "router_share_every")
+        _non_negative(self, section, "uniformity_coef", "ambiguity_coef")
+        _need(self.top_k < self.num_sub_experts, f"{section}.top_k", self.top_k,
+              f"must be < {section}.num_sub_experts={self.num_sub_experts}")
+        if self.mode == "vd":
+            _need(self.d_expert % 2 == 0, f"{section}.d_expert", self.d_expert, f"must be even with {section}.mode=vd")
+
+
+@dataclass(kw_only=True)
+class PEERConfig:
+    """PEER (model.ffn=peer): product-key retrieval over N*N single-neuron experts, H query heads."""
+
+    num_sub_experts: int = 16  # N sub-keys per query half (N*N experts)
+    num_heads: int = 1  # query heads; they share the experts
+    top_k: int = 2  # experts retrieved per head (<= N)
+    activation: Literal["relu", "gelu", "gelu_tanh", "relu2"] = "relu"
+    query_norm: bool = True  # BatchNorm (no affine) on each head's query
+
+    def validate(self, section: str = "model.peer") -> None:
+        _positive(self, section, "num_sub_experts", "num_heads", "top_k")
+        _need(self.top_k <= self.num_sub_experts, f"{section}.top_k", self.top_k,
+              f"must be <= {section}.num_sub_experts={self.num_sub_experts}")
 
 
 @dataclass(kw_only=True)
@@ -117,7 +149,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is sparse when i % moe_every == moe_every - 1
     d_ff: int = 512  # dense MLP hidden size
     mlp_activation: Literal["relu", "gelu", "gelu_tanh", "relu2", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # ffn=moe: routed experts
+    monet: MonetConfig = field(default_factory=MonetConfig)  # ffn=monet
+    peer: PEERConfig = field(default_factory=PEERConfig)  # ffn=peer
     init_std: float = 0.02
     # Decoder options of the published families (docs/interop.md). The defaults are
     # moex's original decoder, with its state-dict keys.
@@ -143,17 +177,12 @@ class ModelConfig:
         _need(self.n_kv_head >= 0 and (self.n_kv_head == 0 or self.n_head % self.n_kv_head == 0),
               f"{section}.n_kv_head", self.n_kv_head, f"must divide {section}.n_head={self.n_head} (0 = n_head)")
         self.moe.validate(f"{section}.moe", ffn=self.ffn)
-        moe, sub = self.moe, f"{section}.moe"
-        if self.ffn == "monet":
-            _need(moe.top_k < moe.num_sub_experts, f"{sub}.top_k", moe.top_k,
-                  f"must be < {sub}.num_sub_experts={moe.num_sub_experts} for Monet")
-            if moe.monet_mode == "vd":
-                _need(moe.d_expert % 2 == 0 and self.d_model % 2 == 0, f"{sub}.d_expert", moe.d_expert,
-                      f"and {section}.d_model={self.d_model} must both be even for Monet VD")
+        self.monet.validate(f"{section}.monet")
+        self.peer.validate(f"{section}.peer")
+        if self.ffn == "monet" and self.monet.mode == "vd":
+            _need(self.d_model % 2 == 0, f"{section}.d_model", self.d_model, "must be even for Monet VD")
         if self.ffn == "peer":
             _need(self.d_model % 2 == 0, f"{section}.d_model", self.d_model, "must be even for PEER (split query)")
-            _need(moe.top_k <= moe.num_sub_experts, f"{sub}.top_k", moe.top_k,
-                  f"must be <= {sub}.num_sub_experts={moe.num_sub_experts} for PEER")
 
 
 # --------------------------------------------------------------------------- data
@@ -340,9 +369,67 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+# Keys that lived in model.moe before each sparse layer family had its own section -> their new name.
+_MOVED = {"num_sub_experts": "num_sub_experts", "num_heads": "num_heads", "router_share_every": "router_share_every",
+          "monet_mode": "mode"}
+_SHARED = {"monet": ("top_k", "d_expert"), "peer": ("top_k", "activation")}  # model.moe keys these families read
+
+
+def _model_moe(data: dict) -> tuple[str, dict]:
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("moe"), dict):
+        return "moe", {}
+    return model.get("ffn", "moe"), model["moe"]
+
+
+def _refuse_moved(data: dict) -> None:
+    """A recipe or override that still sets a moved model.moe key: one error naming the new key."""
+    ffn, moe = _model_moe(data)
+    for key in moe:
+        if key not in _MOVED:
+            continue
+        fams = ["monet"] if key in ("router_share_every", "monet_mode") else (
+            [ffn] if ffn in _SHARED else list(_SHARED))
+        new = " or ".join(f"model.{f}.{_MOVED[key]}" for f in fams)
+        also = [f"model.moe.{k} -> model.{ffn}.{k}" for k in _SHARED.get(ffn, ()) if k in moe]
+        hint = f"; move {', '.join(also)} too" if also else ""
+        raise ConfigError(f"config key 'model.moe.{key}' moved to '{new}' (model.moe holds routed experts only; "
+                          f"Monet and PEER have model.monet and model.peer){hint}")
+
+
 def from_dict(data: dict) -> Config:
-    """Build a validated Config from a nested mapping."""
+    """Build a validated Config from a nested mapping (a recipe with overrides applied)."""
+    _refuse_moved(data or {})
     return _build(Config, data or {})
+
+
+def migrate_saved(data: dict) -> dict:
+    """A config saved by an older moex (Monet/PEER knobs in model.moe) in today's layout; a copy.
+
+    For configs moex wrote itself (a run's config.yaml, checkpoint metadata, an export), so
+    existing runs keep loading; a user's recipe with old keys gets `_refuse_moved`'s error instead.
+    """
+    ffn, moe = _model_moe(data)
+    if not any(k in moe for k in _MOVED):
+        return data
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    model = data["model"]
+    moe = model["moe"]
+    old = {_MOVED[k]: moe.pop(k) for k in list(_MOVED) if k in moe}
+    if ffn in _SHARED:
+        keep = ("num_sub_experts", "num_heads", "mode", "router_share_every") if ffn == "monet" else (
+            "num_sub_experts", "num_heads")
+        section = {k: v for k, v in old.items() if k in keep}
+        for k in _SHARED[ffn]:  # the routed-expert section keeps its defaults for what it never used
+            if k in moe:
+                section[k] = moe.pop(k) if k != "activation" else moe[k]
+        model[ffn] = {**section, **(model.get(ffn) or {})}
+    return data
+
+
+def from_saved(data: dict) -> Config:
+    """`from_dict` for a config moex saved, migrated first (see `migrate_saved`)."""
+    return from_dict(migrate_saved(data or {}))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -19,13 +19,13 @@ def test_variants_match_dense_active_ffn_params(name):
     base = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16", "model.d_ff=128",
             "model.vocab_size=32"]
     cfg = C.load(None, base + variant_overrides(name, 128))
-    m = cfg.model.moe
+    m = cfg.model
     per_token_hidden = {  # hidden units each token actually uses, per layer
-        "dense": cfg.model.d_ff,
-        "moe": m.top_k * m.d_expert,
-        "monet": m.num_heads * m.top_k * m.d_expert,
-        "peer": m.num_heads * m.top_k,
-    }[cfg.model.ffn]
+        "dense": lambda: m.d_ff,
+        "moe": lambda: m.moe.top_k * m.moe.d_expert,
+        "monet": lambda: m.monet.num_heads * m.monet.top_k * m.monet.d_expert,
+        "peer": lambda: m.peer.num_heads * m.peer.top_k,
+    }[m.ffn]()
     assert per_token_hidden == 128
     d = describe(cfg)
     dense = describe(C.load(None, base + variant_overrides("dense-relu", 128)))

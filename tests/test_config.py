@@ -66,8 +66,45 @@ def test_dump_roundtrip():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_loads(recipe):
-    C.load(recipe)
+def test_every_recipe_loads_and_builds(recipe):
+    from moex.models.info import describe
+
+    cfg = C.load(recipe)
+    assert describe(cfg)["params_total"] > 0  # the model itself, on the meta device
+
+
+# A Monet run's config.yaml as moex wrote it before model.monet / model.peer existed (trimmed).
+OLD_MONET = {"model": {"ffn": "monet", "d_model": 32, "moe": {
+    "num_experts": 8, "top_k": 4, "d_expert": 32, "activation": "relu", "router": "moex",
+    "num_sub_experts": 16, "num_heads": 2, "router_share_every": 2, "monet_mode": "vd"}}}
+
+
+def test_moved_layer_keys_in_a_recipe_name_their_new_home():
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(OLD_MONET)
+    msg = str(e.value)
+    assert "'model.moe.num_sub_experts' moved to 'model.monet.num_sub_experts'" in msg
+    assert "model.moe.top_k -> model.monet.top_k" in msg and "\n" not in msg
+    with pytest.raises(C.ConfigError, match="'model.moe.num_heads' moved to 'model.peer.num_heads'"):
+        C.load(None, ["model.ffn=peer", "model.moe.num_heads=2"])
+    with pytest.raises(C.ConfigError, match="'model.moe.router_share_every' moved to 'model.monet.router_share_every'"):
+        C.load(None, ["model.ffn=peer", "model.moe.router_share_every=2"])
+
+
+def test_saved_old_configs_migrate_to_the_family_sections():
+    cfg = C.from_saved(OLD_MONET)
+    assert cfg.model.monet == C.MonetConfig(num_sub_experts=16, num_heads=2, top_k=4, d_expert=32, mode="vd",
+                                            router_share_every=2)
+    assert cfg.model.moe == C.MoEConfig(num_experts=8, activation="relu", router="moex")  # top_k, d_expert: defaults
+    assert "num_sub_experts" in OLD_MONET["model"]["moe"]  # the caller's dict is left alone
+    peer = {"model": {"ffn": "peer", "moe": {"top_k": 32, "activation": "gelu", "num_sub_experts": 32,
+                                             "num_heads": 8, "router_share_every": 1, "monet_mode": "hd"}}}
+    assert C.from_saved(peer).model.peer == C.PEERConfig(num_sub_experts=32, num_heads=8, top_k=32, activation="gelu")
+    moe = {"model": {"ffn": "moe", "moe": {"top_k": 1, "num_sub_experts": 16, "num_heads": 1}}}
+    got = C.from_saved(moe).model
+    assert got.moe.top_k == 1 and got.monet == C.MonetConfig() and got.peer == C.PEERConfig()
+    new = C.to_dict(C.load(None, ["model.ffn=monet", "model.monet.top_k=3"]))
+    assert C.migrate_saved(new) is new  # today's layout passes through
 
 
 def test_shipped_recipe_by_name_equals_the_file(tmp_path, monkeypatch):

@@ -41,6 +41,11 @@ PROBES = [
     ("data.num_games=1", "data.num_games=1 must be >= 2"),
     ("parallel.ep_size=0", "parallel.ep_size=0 must be > 0"),
     ("parallel.ep_size=3", "model.moe.num_experts=8 must be divisible by parallel.ep_size=3"),
+    ("model.moe.num_sub_experts=4", "'model.moe.num_sub_experts' moved to 'model.monet.num_sub_experts or "
+                                    "model.peer.num_sub_experts'"),
+    ("model.moe.monet_mode=vd", "'model.moe.monet_mode' moved to 'model.monet.mode'"),
+    ("model.monet.top_k=16", "model.monet.top_k=16 must be < model.monet.num_sub_experts=16"),
+    ("model.peer.top_k=17", "model.peer.top_k=17 must be <= model.peer.num_sub_experts=16"),
 ]
 
 

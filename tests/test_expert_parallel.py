@@ -188,6 +188,6 @@ def test_monet_and_peer_are_data_parallel_only():
 
     for ffn in ("monet", "peer"):
         cfg = C.load(None, ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.vocab_size=8",
-                            f"model.ffn={ffn}", "model.moe.num_sub_experts=4"])
+                            f"model.ffn={ffn}", f"model.{ffn}.num_sub_experts=4"])
         with pytest.raises(ValueError, match="data-parallel only"):
             setup_expert_parallel(GPT(cfg.model), 2)

@@ -16,8 +16,8 @@ VARIANTS = [
     ("moe", {"model.moe.router": "expert_choice"}),
     ("moe", {"model.moe.router": "aux_free"}),
     ("moe", {"model.moe.router": "hash"}),
-    ("monet", {"model.moe.monet_mode": "hd"}),
-    ("monet", {"model.moe.monet_mode": "vd"}),
+    ("monet", {"model.monet.mode": "hd"}),
+    ("monet", {"model.monet.mode": "vd"}),
     ("peer", {}),
     ("moe", {"model.pos_emb": "learned"}),
     ("moe", {"model.n_kv_head": 2, "model.qk_norm": "true", "model.norm": "rmsnorm", "model.bias": "qkv"}),
@@ -27,8 +27,8 @@ VARIANTS = [
 def model(ffn, **over):
     ov = [f"{k}={v}" for k, v in over.items()]
     cfg = C.load(None, ["model.vocab_size=32", "model.n_layer=2", "model.d_model=32", "model.n_head=4",
-                        "model.block_size=16", f"model.ffn={ffn}", "model.moe.d_expert=8",
-                        "model.moe.num_sub_experts=4", "model.d_ff=32", *ov])
+                        "model.block_size=16", f"model.ffn={ffn}", "model.moe.d_expert=8", "model.monet.d_expert=8",
+                        "model.monet.num_sub_experts=4", "model.peer.num_sub_experts=4", "model.d_ff=32", *ov])
     torch.manual_seed(0)
     m = GPT(cfg.model)
     m.train()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moex import config as C
-from moex.config import MoEConfig
+from moex.config import MoEConfig, MonetConfig, PEERConfig
 from moex.interp.features import NoFeatureSource, collect, iter_positions, require_sources, source_names
 from moex.models import GPT
 from moex.models.moe import MoELayer
@@ -69,7 +69,7 @@ def test_moe_code_with_other_experts_and_shared_experts(act, gate):
 def test_peer_code_rebuilds_the_layer_output():
     torch.manual_seed(0)
     for N in (4, 16):  # the dense-combine and the gather path
-        layer = PEERLayer(8, MoEConfig(num_sub_experts=N, num_heads=3, top_k=2)).eval()
+        layer = PEERLayer(8, PEERConfig(num_sub_experts=N, num_heads=3, top_k=2)).eval()
         x = torch.randn(30, 8)
         out = layer(x, features=True)
         code = out.features["peer.code"].to_dense(30)
@@ -86,7 +86,7 @@ def test_peer_code_rebuilds_the_layer_output():
 def test_monet_sources_match_gates_and_hidden_units(mode):
     torch.manual_seed(0)
     N, H, M = 8, 2, 6
-    layer = MonetLayer(8, MoEConfig(num_sub_experts=N, num_heads=H, top_k=2, d_expert=M, monet_mode=mode)).eval()
+    layer = MonetLayer(8, MonetConfig(num_sub_experts=N, num_heads=H, top_k=2, d_expert=M, mode=mode)).eval()
     x = torch.randn(12, 8)
     out = layer(x, features=True)
     g1, g2, _, _, keep1, keep2 = layer.router(x)
@@ -105,7 +105,7 @@ def test_monet_sources_match_gates_and_hidden_units(mode):
 
 
 def test_every_layer_reports_with_moe_every_and_monet():
-    m = model("monet", "moex", "model.moe_every=2", "model.moe.num_sub_experts=4")
+    m = model("monet", "moex", "model.moe_every=2", "model.monet.num_sub_experts=4")
     assert source_names(m) == ["L0.mlp.pre", "L0.mlp.post", "L1.monet.experts", "L1.monet.sub1",
                                "L1.monet.sub2", "L1.monet.code"]
     feats = collect(m, torch.randint(0, 32, (2, 16)))

@@ -72,7 +72,7 @@ def test_chess_suite_report(tmp_path):
 @pytest.mark.slow
 def test_chess_suite_monet_with_dense_layers(tmp_path):
     moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *TINY, "data.num_games=30", "model.ffn=monet",
-         "model.moe_every=2", "model.moe.num_sub_experts=8", "model.moe.num_heads=2", cwd=tmp_path)
+         "model.moe_every=2", "model.monet.num_sub_experts=8", "model.monet.num_heads=2", cwd=tmp_path)
     write_pgn(tmp_path / "eval.pgn")
     moex("interpret", "runs/chess-tiny", "--suite", "chess", "--pgn", str(tmp_path / "eval.pgn"), "--games", "8",
          "--no-probes", "--out", "rep", cwd=tmp_path)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moex import config as C
-from moex.config import MoEConfig
+from moex.config import MonetConfig, PEERConfig
 from moex.models import GPT
 from moex.models.monet import MonetLayer, MonetRouter, monet_aux_losses
 from moex.models.peer import PEERLayer, product_key_topk
@@ -15,7 +15,7 @@ from moex.models.peer import PEERLayer, product_key_topk
 
 def monet(mode, H=2, N=4, k=2, M=6, D=8):
     torch.manual_seed(0)
-    m = MonetLayer(D, MoEConfig(num_sub_experts=N, num_heads=H, top_k=k, d_expert=M, monet_mode=mode))
+    m = MonetLayer(D, MonetConfig(num_sub_experts=N, num_heads=H, top_k=k, d_expert=M, mode=mode))
     with torch.no_grad():  # non-zero biases so the reference checks them too
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.4)
@@ -82,18 +82,32 @@ def test_monet_router_threshold_batchnorm_and_gates():
 
 def test_monet_aux_losses_reference():
     g = torch.tensor([[[0.5, 0.5, 0.0, 0.0]], [[0.0, 0.0, 1.0, 0.0]]])  # T=2, H=1, N=4
-    aux = monet_aux_losses(g, g)
+    aux = monet_aux_losses(g, g, uniformity_coef=1e-3, ambiguity_coef=2e-2)
     usage = torch.tensor([0.25, 0.25, 0.5, 0.0])
     torch.testing.assert_close(aux["monet_uniformity"], 1e-3 * 4 * ((usage - 0.25) ** 2).sum())
-    torch.testing.assert_close(aux["monet_ambiguity"], torch.tensor(1e-3 * 0.25))
+    torch.testing.assert_close(aux["monet_ambiguity"], torch.tensor(2e-2 * 0.25))
     flat = torch.full((3, 1, 4), 0.25)
-    assert monet_aux_losses(flat, flat)["monet_uniformity"] == 0
+    assert monet_aux_losses(flat, flat, uniformity_coef=1.0, ambiguity_coef=1.0)["monet_uniformity"] == 0
 
 
-def gpt(ffn, n_layer=4, **moe):
-    ov = [f"model.moe.{k}={v}" for k, v in moe.items()]
+def test_monet_layer_honours_configured_aux_coefs():
+    x = torch.randn(10, 8)
+    base = monet("hd")(x).aux_losses
+    torch.manual_seed(0)
+    m = MonetLayer(8, MonetConfig(num_sub_experts=4, num_heads=2, top_k=2, d_expert=6, uniformity_coef=0.5,
+                                  ambiguity_coef=0.0))
+    m.load_state_dict(monet("hd").state_dict())
+    aux = m.train()(x).aux_losses
+    torch.testing.assert_close(aux["monet_uniformity"], base["monet_uniformity"] * 500)  # default 1e-3
+    assert aux["monet_ambiguity"] == 0 and base["monet_ambiguity"] > 0
+
+
+def gpt(ffn, n_layer=4, **layer):
+    ov = [f"model.{ffn}.{k}={v}" for k, v in {"top_k": 2, **layer}.items()]
+    if ffn == "monet":
+        ov.append("model.monet.d_expert=4")
     cfg = C.load(None, ["model.vocab_size=32", f"model.n_layer={n_layer}", "model.d_model=16", "model.n_head=2",
-                        "model.block_size=8", f"model.ffn={ffn}", "model.moe.top_k=2", "model.moe.d_expert=4", *ov])
+                        "model.block_size=8", f"model.ffn={ffn}", *ov])
     return cfg, GPT(cfg.model)
 
 
@@ -114,7 +128,7 @@ def test_monet_router_shared_per_group_not_across_models():
 
 def peer(H=2, N=5, k=3, D=8, act="relu", norm=True):
     torch.manual_seed(2)
-    m = PEERLayer(D, MoEConfig(num_sub_experts=N, num_heads=H, top_k=k, activation=act), query_norm=norm)
+    m = PEERLayer(D, PEERConfig(num_sub_experts=N, num_heads=H, top_k=k, activation=act, query_norm=norm))
     with torch.no_grad():
         m.down.weight.normal_(0, 0.5)
         m.up.weight.normal_(0, 0.5)

@@ -25,7 +25,7 @@ def load_config(ckpt: Path, meta: dict | None = None) -> C.Config:
     """The resolved config a checkpoint was trained with (from its metadata; no weights loaded)."""
     meta = meta or fmt.read_meta(ckpt)
     try:
-        return C.from_dict(meta["config"])
+        return C.from_saved(meta["config"])
     except C.ConfigError as e:
         raise CheckpointError(f"{ckpt}: its saved config does not fit this moex ({e})") from None
 

@@ -59,7 +59,7 @@ def evaluate_variant(out: Path, name: str, *, eval_batches: int) -> dict:
 
     rd = run_dir(out, name)
     res = evaluate_checkpoint(rd, max_batches=eval_batches, progress=False)
-    cfg = C.from_dict(_cfg_dict(rd))
+    cfg = C.from_saved(_cfg_dict(rd))
     res["params"] = describe(cfg)
     res["train"] = train_summary(rd / "metrics.jsonl")
     (rd / EVAL_FILE).write_text(json.dumps(res, indent=2))

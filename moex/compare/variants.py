@@ -25,11 +25,11 @@ VARIANTS: dict[str, dict] = {
                       "model.moe.top_k": 2},
     "aux-free": {"model.ffn": "moe", "model.moe.router": "aux_free", "model.moe.num_experts": 8, "model.moe.top_k": 2},
     "hash": {"model.ffn": "moe", "model.moe.router": "hash", "model.moe.num_experts": 8, "model.moe.top_k": 2},
-    "monet-hd": {"model.ffn": "monet", "model.moe.monet_mode": "hd", "model.moe.num_sub_experts": 16,
-                 "model.moe.num_heads": 2, "model.moe.top_k": 4, "model.moe.router_share_every": 2},
-    "monet-vd": {"model.ffn": "monet", "model.moe.monet_mode": "vd", "model.moe.num_sub_experts": 16,
-                 "model.moe.num_heads": 2, "model.moe.top_k": 4, "model.moe.router_share_every": 2},
-    "peer": {"model.ffn": "peer", "model.moe.num_sub_experts": 32, "model.moe.num_heads": 8},
+    "monet-hd": {"model.ffn": "monet", "model.monet.mode": "hd", "model.monet.num_sub_experts": 16,
+                 "model.monet.num_heads": 2, "model.monet.top_k": 4, "model.monet.router_share_every": 2},
+    "monet-vd": {"model.ffn": "monet", "model.monet.mode": "vd", "model.monet.num_sub_experts": 16,
+                 "model.monet.num_heads": 2, "model.monet.top_k": 4, "model.monet.router_share_every": 2},
+    "peer": {"model.ffn": "peer", "model.peer.num_sub_experts": 32, "model.peer.num_heads": 8},
 }
 
 DEFAULT = "dense-relu,dense-gelu,switch,topk2,moex,expert-choice,aux-free,monet-hd,monet-vd,peer"
@@ -51,11 +51,11 @@ def variant_overrides(name: str, d_ff: int, *, match: bool = True) -> list[str]:
         elif ffn == "moe":
             ov["model.moe.d_expert"] = _div(d_ff, ov["model.moe.top_k"], name)
         elif ffn == "monet":
-            ov["model.moe.d_expert"] = _div(d_ff, ov["model.moe.num_heads"] * ov["model.moe.top_k"], name)
+            ov["model.monet.d_expert"] = _div(d_ff, ov["model.monet.num_heads"] * ov["model.monet.top_k"], name)
         elif ffn == "peer":
-            k = _div(d_ff, ov["model.moe.num_heads"], name)
-            ov["model.moe.top_k"] = k
-            ov["model.moe.num_sub_experts"] = max(k, ov["model.moe.num_sub_experts"])
+            k = _div(d_ff, ov["model.peer.num_heads"], name)
+            ov["model.peer.top_k"] = k
+            ov["model.peer.num_sub_experts"] = max(k, ov["model.peer.num_sub_experts"])
     return [f"{k}={_fmt(v)}" for k, v in ov.items()]
 
 

@@ -68,7 +68,7 @@ def read_config(path: str | Path) -> C.ModelConfig:
                          f"use `moex import hf {path} --out RUN`)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{f}: format_version {meta['format_version']} is newer than this moex reads ({FORMAT_VERSION})")
-    cfg = C.from_dict({"model": meta["model"]})
+    cfg = C.from_saved({"model": meta["model"]})
     C.validate(cfg)
     return cfg.model
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moex.config import MoEConfig
+from moex.config import MoEConfig, MonetConfig, PEERConfig
 from moex.models.mlp import DenseMLP
 from moex.models.moe import MoELayer
 from moex.models.monet import MonetLayer
@@ -84,10 +84,9 @@ def build_ffn(family: str, n: int, d: int, *, experts: int = 8) -> nn.Module:
     if family == "moex":
         return MoELayer(n, MoEConfig(num_experts=experts, top_k=2, d_expert=d // 2, router="moex"), std=n**-0.5)
     if family == "monet":
-        return MonetLayer(n, MoEConfig(num_sub_experts=experts, num_heads=1, top_k=2, d_expert=d // 2,
-                                       monet_mode="vd"))
+        return MonetLayer(n, MonetConfig(num_sub_experts=experts, num_heads=1, top_k=2, d_expert=d // 2, mode="vd"))
     if family == "peer":
-        return PEERLayer(n, MoEConfig(num_sub_experts=max(16, d), num_heads=1, top_k=d, activation="relu"))
+        return PEERLayer(n, PEERConfig(num_sub_experts=max(16, d), num_heads=1, top_k=d, activation="relu"))
     raise ValueError(f"unknown toy family {family!r}; valid: {', '.join(FAMILIES)}")
 
 

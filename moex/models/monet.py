@@ -2,7 +2,7 @@
 
 Shape key: T tokens, D model dim, H routing heads, N sub-experts per key set
 (`num_sub_experts`; N*N experts), M hidden units per sub-expert (`d_expert`),
-M2 = M/2 (VD half-layers), D2 = D/2.
+M2 = M/2 (VD half-layers), D2 = D/2. Config: `model.monet` (moex.config.MonetConfig).
 
 Two routers score N sub-experts each, per head. Logits z are normalised by a
 BatchNorm without affine (one mean/var per head, pooled over tokens and
@@ -26,7 +26,7 @@ consecutive sparse layers, each applying it to its own input. (The official
 code instead reuses the *gates* computed at the group's first layer; that needs
 state passed between layers, which the block interface here does not carry.)
 
-Aux losses (lambda = 1e-3 each): uniformity N * sum_i (mean_t g_i - 1/N)^2
+Aux losses (`uniformity_coef`, `ambiguity_coef`; 1e-3 each by default): uniformity N * sum_i (mean_t g_i - 1/N)^2
 (0 when usage is uniform) and ambiguity mean(1 - max_i g_i), both averaged over
 heads and the two routers. The paper states them in words and a formula whose
 normalisation we do not reproduce exactly; these have the same minimisers.
@@ -39,11 +39,9 @@ from statistics import NormalDist
 import torch
 from torch import Tensor, nn
 
-from moex.config import MoEConfig, ModelConfig
+from moex.config import ModelConfig, MonetConfig
 from moex.models.outputs import FFNOutput, SparseCode, router_entropy
 from moex.ops.activations import relu2
-
-AUX_COEF = 1e-3
 
 
 class MonetRouter(nn.Module):
@@ -77,12 +75,13 @@ class MonetRouter(nn.Module):
         return g1_THN, g2_THN, z1_THN, z2_THN, keep1_THN, keep2_THN
 
 
-def monet_aux_losses(g1_THN: Tensor, g2_THN: Tensor) -> dict[str, Tensor]:
-    """Uniformity of sub-expert usage and ambiguity (1 - max gate), scaled by AUX_COEF."""
+def monet_aux_losses(g1_THN: Tensor, g2_THN: Tensor, *, uniformity_coef: float,
+                     ambiguity_coef: float) -> dict[str, Tensor]:
+    """Uniformity of sub-expert usage and ambiguity (1 - max gate), each scaled by its coefficient."""
     N = g1_THN.shape[-1]
     unif = sum(N * (g.mean(0) - 1.0 / N).square().sum(-1).mean() for g in (g1_THN, g2_THN)) / 2
     amb = sum((1 - g.amax(-1)).mean() for g in (g1_THN, g2_THN)) / 2
-    return {"monet_uniformity": AUX_COEF * unif, "monet_ambiguity": AUX_COEF * amb}
+    return {"monet_uniformity": uniformity_coef * unif, "monet_ambiguity": ambiguity_coef * amb}
 
 
 class MonetLayer(nn.Module):
@@ -90,9 +89,10 @@ class MonetLayer(nn.Module):
 
     FEATURE_SOURCES = ("monet.experts", "monet.sub1", "monet.sub2", "monet.code")  # forward(x, features=True)
 
-    def __init__(self, d_model: int, cfg: MoEConfig, router: MonetRouter | None = None):
+    def __init__(self, d_model: int, cfg: MonetConfig, router: MonetRouter | None = None):
         super().__init__()
-        self.mode, self.N, self.H, self.M, self.k = cfg.monet_mode, cfg.num_sub_experts, cfg.num_heads, cfg.d_expert, cfg.top_k
+        self.mode, self.N, self.H, self.M, self.k = cfg.mode, cfg.num_sub_experts, cfg.num_heads, cfg.d_expert, cfg.top_k
+        self.aux_coefs = {"uniformity_coef": cfg.uniformity_coef, "ambiguity_coef": cfg.ambiguity_coef}
         self.router = router or MonetRouter(d_model, self.N, self.H, self.k)
         N, M, D = self.N, self.M, d_model
         if self.mode == "hd":
@@ -109,7 +109,7 @@ class MonetLayer(nn.Module):
             self.b1_ND2 = nn.Parameter(torch.zeros(N, D2))
             self.b2_ND2 = nn.Parameter(torch.zeros(N, D2))
         else:
-            raise ValueError(f"monet_mode must be 'hd' or 'vd', got {self.mode!r}")
+            raise ValueError(f"Monet mode must be 'hd' or 'vd', got {self.mode!r}")
         for m in self.modules():  # GPT's init redraws weights only; start biases at zero
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -155,7 +155,7 @@ class MonetLayer(nn.Module):
         hs = self.hidden(x_TD, g1, g2)
         y_TD = self.combine(hs, g1, g2)
         feats = self._features(hs, g1, g2, keep1, keep2) if features else {}
-        return FFNOutput(y_TD.reshape(shape), monet_aux_losses(g1, g2), self._stats(hs, z1, z2, keep1, keep2), feats)
+        return FFNOutput(y_TD.reshape(shape), monet_aux_losses(g1, g2, **self.aux_coefs), self._stats(hs, z1, z2, keep1, keep2), feats)
 
     @torch.no_grad()
     def _features(self, hs, g1_THN: Tensor, g2_THN: Tensor, keep1_THN: Tensor, keep2_THN: Tensor) -> dict:
@@ -215,23 +215,20 @@ def expert_weights(g1_THN: Tensor, g2_THN: Tensor, keep1_THN: Tensor, keep2_THN:
     return SparseCode(t1[a_P], i1[a_P] * N + j2[b_P], w_P[:, None], N * N)
 
 
-_CACHE = "_monet_router_cache"  # lives on the ModelConfig only while one GPT is being built
+class MonetStack:
+    """Builds one model's Monet layers; owns the router each group of `router_share_every` sparse layers shares.
 
-
-def build_monet(cfg: ModelConfig, layer: int) -> MonetLayer:
-    """The Monet FFN of `layer`, sharing one router per group of `router_share_every` sparse layers.
-
-    GPT builds layers in order, so the group's router is stashed on `cfg` at the
-    group's first sparse layer and dropped after the model's last sparse layer:
+    `GPT` calls it for its sparse layers in order and drops it once built, so
     nothing is shared between two models built from the same config.
     """
-    m, share = cfg.moe, max(1, cfg.moe.router_share_every)
-    idx = layer // cfg.moe_every  # index among sparse layers
-    cache = cfg.__dict__.setdefault(_CACHE, {})
-    if idx % share == 0 or idx // share not in cache:
-        cache.clear()
-        cache[idx // share] = MonetRouter(cfg.d_model, m.num_sub_experts, m.num_heads, m.top_k)
-    layer_mod = MonetLayer(cfg.d_model, m, router=cache[idx // share])
-    if idx == cfg.n_layer // cfg.moe_every - 1:  # last sparse layer of this model
-        cfg.__dict__.pop(_CACHE, None)
-    return layer_mod
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.routers: dict[int, MonetRouter] = {}  # router group -> its router
+
+    def __call__(self, layer: int) -> MonetLayer:
+        m = self.cfg.monet
+        group = layer // self.cfg.moe_every // m.router_share_every  # sparse-layer index // share
+        if group not in self.routers:
+            self.routers[group] = MonetRouter(self.cfg.d_model, m.num_sub_experts, m.num_heads, m.top_k)
+        return MonetLayer(self.cfg.d_model, m, router=self.routers[group])

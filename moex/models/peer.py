@@ -13,7 +13,8 @@ rank pairs that can win, not all k^2) — exactly the top-k over all N^2 scores
 (the identity the tests check).
 Gates g = softmax over the k retrieved scores; output
     y = sum_h sum_{p in top-k(h)} g_hp * v_p * act(u_p . x)
-Heads share the experts. Activation `activation` (ReLU default).
+Heads share the experts. Activation `activation` (ReLU default). Config: `model.peer`
+(moex.config.PEERConfig).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moex.config import MoEConfig, ModelConfig
+from moex.config import ModelConfig, PEERConfig
 from moex.models.mlp import activation
 from moex.models.outputs import FFNOutput, SparseCode, router_entropy
 
@@ -51,7 +52,7 @@ class PEERLayer(nn.Module):
 
     FEATURE_SOURCES = ("peer.code", "peer.code_raw")  # what forward(x, features=True) returns
 
-    def __init__(self, d_model: int, cfg: MoEConfig, *, query_norm: bool = True):
+    def __init__(self, d_model: int, cfg: PEERConfig):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"PEER splits the query in halves: d_model={d_model} must be even")
@@ -60,7 +61,7 @@ class PEERLayer(nn.Module):
             raise ValueError(f"PEER needs 1 <= top_k <= num_sub_experts, got {self.k}, {self.N}")
         K2 = d_model // 2
         self.query = nn.Linear(d_model, self.H * d_model, bias=False)
-        self.norm = nn.BatchNorm1d(d_model, affine=False) if query_norm else None
+        self.norm = nn.BatchNorm1d(d_model, affine=False) if cfg.query_norm else None
         self.keys1_HNK = nn.Parameter(torch.randn(self.H, self.N, K2) / K2**0.5)
         self.keys2_HNK = nn.Parameter(torch.randn(self.H, self.N, K2) / K2**0.5)
         self.down = nn.Embedding(self.N * self.N, d_model)  # u_p
@@ -137,5 +138,6 @@ class PEERLayer(nn.Module):
         return w_TP @ self.up.weight, a_THk
 
 
-def build_peer(cfg: ModelConfig, layer: int) -> PEERLayer:
-    return PEERLayer(cfg.d_model, cfg.moe)
+def peer_layers(cfg: ModelConfig):
+    """Builds one model's PEER layers (each independent): `layer -> PEERLayer`."""
+    return lambda layer: PEERLayer(cfg.d_model, cfg.peer)

@@ -6,6 +6,7 @@ Shape key: B batch, T time, D model dim, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +19,26 @@ from moex.models.norm import build_norm
 from moex.models.outputs import FFNOutput
 
 
-def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
-    """The FFN of layer `layer`: dense, or the configured sparse layer on every `moe_every`-th layer."""
-    sparse = cfg.ffn != "dense" and layer % cfg.moe_every == cfg.moe_every - 1
-    if not sparse:
-        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation, bias=cfg.bias == "all")
+def ffn_builder(cfg: ModelConfig) -> Callable[[int], nn.Module]:
+    """One model's `layer -> FFN`: dense, or the configured sparse layer on every `moe_every`-th layer.
+
+    A builder serves one model, built in layer order: Monet's owns the routers its layer groups share.
+    """
     if cfg.ffn == "moe":
         from moex.models.moe import MoELayer
 
-        return MoELayer(cfg.d_model, cfg.moe, std=cfg.init_std)
-    from moex.models import sparse_layers
+        sparse = lambda layer: MoELayer(cfg.d_model, cfg.moe, std=cfg.init_std)  # noqa: E731
+    elif cfg.ffn != "dense":
+        from moex.models import sparse_layers
 
-    return sparse_layers.build(cfg, layer)
+        sparse = sparse_layers.builder(cfg)
+
+    def build(layer: int) -> nn.Module:
+        if cfg.ffn == "dense" or layer % cfg.moe_every != cfg.moe_every - 1:
+            return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation, bias=cfg.bias == "all")
+        return sparse(layer)
+
+    return build
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -37,7 +46,7 @@ def _norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, build_ffn: Callable[[int], nn.Module]):
         super().__init__()
         self.ln1 = _norm(cfg)
         self.attn = CausalSelfAttention(
@@ -46,7 +55,7 @@ class Block(nn.Module):
             qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
         )
         self.ln2 = _norm(cfg)
-        self.ffn = build_ffn(cfg, layer)
+        self.ffn = build_ffn(layer)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: Tensor, rope_cs, kv: LayerKV | None = None, features: bool = False) -> tuple[Tensor, FFNOutput]:
@@ -92,7 +101,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        build_ffn = ffn_builder(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i, build_ffn) for i in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

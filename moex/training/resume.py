@@ -19,7 +19,8 @@ from moex.errors import ConfigError
 
 # model.* keys that may change on resume: they do not change parameters or their meaning.
 MUTABLE_MODEL_KEYS = {"dropout", "attn_backend", "init_std", "moe.gemm_backend", "moe.capacity_factor",
-                      "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
+                      "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate", "monet.uniformity_coef",
+                      "monet.ambiguity_coef"}
 # Keys that say where/how a run is driven, not what it computes: never worth a note.
 _QUIET = {"train.resume", "train.progress", "train.run_name", "train.out_dir", "train.init_from", "train.threads"}
 _HYPER = ("betas", "eps", "weight_decay")
@@ -37,7 +38,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_model_unchanged(saved_cfg: dict, cfg: C.Config, ckpt: Path) -> None:
     """ConfigError naming every model key whose value differs from the checkpoint's."""
-    saved, now = _flat(saved_cfg.get("model", {})), _flat(C.to_dict(cfg.model))
+    saved = _flat(C.migrate_saved(saved_cfg).get("model", {}))  # a run from before model.monet/peer
+    now = _flat(C.to_dict(cfg.model))
     diffs = []
     for key, value in now.items():
         if key not in saved or key in MUTABLE_MODEL_KEYS or saved[key] == value:
