@@ -22,9 +22,9 @@ def _word_ppl(res: dict, words: int, stream_tokens: int) -> None:
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: int = 0, batch_size: int = 0,
-                        data_overrides: dict | None = None, progress: bool = True, stride: int = 0,
+                        progress: bool = True, stride: int = 0,
                         words: str = "whitespace") -> dict:
-    """Evaluate a run/checkpoint on a split of its own data (or overridden data settings).
+    """Evaluate a run/checkpoint on a split of its own data.
 
     `stride` 0 scores the split's non-overlapping blocks (block_size + 1 tokens each);
     a stride S in [1, block_size + 1] slides windows over its token stream instead.
@@ -35,8 +35,6 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: in
 
     loaded = load_model(path)
     cfg = loaded.cfg
-    for k, v in (data_overrides or {}).items():
-        setattr(cfg.data, k, v)
     data = build_data(cfg.data, cfg.model.block_size, tokenizer_dir=loaded.run_dir / "tokenizer")
     blocks = data.val if split == "val" else data.train
     bs = batch_size or cfg.train.batch_size

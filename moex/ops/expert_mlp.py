@@ -27,8 +27,8 @@ the work runs in blocks of at most ``block_rows`` rows of one expert:
 - weight gradients are written by GEMMs with ``out=``/``addmm_`` straight into
   the (E, D, H) and (E, H, D) gradient tensors (no zero-fill pass, no copies).
 
-The loop over experts is in Python: ~15 small ops per block, a few ms per step
-at E=64, well under the GEMM time it drives. On CUDA, ``impl="triton"`` runs the
+The loop over experts is in Python: ~15 small ops per block, a cost that grows with
+E and stays small next to the GEMMs it drives (benchmarks/results/moe_layer.md). On CUDA, ``impl="triton"`` runs the
 same op as a few grouped kernels with the gathers inside them
 (:func:`moex.ops.triton_gmm.triton_expert_mlp`) instead of one launch per block.
 """
