@@ -1,12 +1,13 @@
 """Whole-model weight mapping between Hugging Face checkpoints and moex state dicts.
 
-Shape key: D model dim, N heads, K key/value heads, C head dim, F dense hidden units.
+Shape key (docs/architecture.md): D model dim, G heads, R key/value heads, W head dim,
+F dense hidden units.
 
-Attention: q/k/v (N*C, K*C, K*C rows) are stacked into moex's `attn.qkv`. Hugging
-Face's RoPE rotates the pair (i, i + C/2) of each head ("rotate half"); moex rotates
+Attention: q/k/v (G*W, R*W, R*W rows) are stacked into moex's `attn.qkv`. Hugging
+Face's RoPE rotates the pair (i, i + W/2) of each head ("rotate half"); moex rotates
 (2i, 2i+1) with the same frequency, so q and k rows (and their biases and QK-norm
 scales) are reordered within each head: moex row 2i = HF row i, row 2i+1 = HF row
-i + C/2. Attention scores, and so every output, are unchanged. GPT-2's Conv1D
+i + W/2. Attention scores, and so every output, are unchanged. GPT-2's Conv1D
 weights are stored (in, out) and are transposed. MoE blocks go through
 `moex.interop.layers` (one block's keys at a time); on disk experts use the
 per-expert names every `transformers` version reads.
@@ -59,8 +60,8 @@ def import_state(family: str, hf_sd: dict[str, Tensor], m: C.ModelConfig) -> dic
 
 
 def _import_llama_like(family: str, sd: dict, m: C.ModelConfig) -> dict:
-    N, K, Cd = m.n_head, m.n_kv_head or m.n_head, m.d_model // m.n_head
-    pq, pk = rope_row_order(N, Cd), rope_row_order(K, Cd)
+    G, R, W = m.n_head, m.n_kv_head or m.n_head, m.d_model // m.n_head
+    pq, pk = rope_row_order(G, W), rope_row_order(R, W)
     out = {"wte.weight": sd.pop("embed_tokens.weight"), "ln_f.weight": sd.pop("norm.weight")}
     for i in range(m.n_layer):
         p, b = f"layers.{i}.", f"blocks.{i}."
@@ -108,8 +109,8 @@ def export_state(family: str, sd: dict[str, Tensor], m: C.ModelConfig) -> dict[s
 
 
 def _export_llama_like(family: str, sd: dict, m: C.ModelConfig) -> dict:
-    D, N, K, Cd = m.d_model, m.n_head, m.n_kv_head or m.n_head, m.d_model // m.n_head
-    iq, ik = rope_row_order(N, Cd).argsort(), rope_row_order(K, Cd).argsort()
+    D, G, R, W = m.d_model, m.n_head, m.n_kv_head or m.n_head, m.d_model // m.n_head
+    iq, ik = rope_row_order(G, W).argsort(), rope_row_order(R, W).argsort()
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
     for i in range(m.n_layer):
         p, b = f"model.layers.{i}.", f"blocks.{i}."
@@ -117,7 +118,7 @@ def _export_llama_like(family: str, sd: dict, m: C.ModelConfig) -> dict:
         out[p + "post_attention_layernorm.weight"] = sd[b + "ln2.weight"]
         a = p + "self_attn."
         for kind in ("weight", "bias") if m.bias == "qkv" else ("weight",):
-            q, k, v = sd[b + f"attn.qkv.{kind}"].split([D, K * Cd, K * Cd])
+            q, k, v = sd[b + f"attn.qkv.{kind}"].split([D, R * W, R * W])
             out[a + f"q_proj.{kind}"], out[a + f"k_proj.{kind}"], out[a + f"v_proj.{kind}"] = q[iq], k[ik], v
         out[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
         if m.qk_norm:

@@ -1,9 +1,9 @@
 """Grouped GEMM over expert-sorted rows, with selectable backends.
 
-Shape key: A assignment rows (sorted by expert), E experts, K in-features,
-N out-features.
+Shape key (docs/architecture.md): A assignment rows (sorted by expert), E experts,
+I in-features, J out-features.
 
-``grouped_mm(x_AK, w_EKN, counts_E)`` computes ``y[a] = x[a] @ w[expert(a)]`` where
+``grouped_mm(x_AI, w_EIJ, counts_E)`` computes ``y[a] = x[a] @ w[expert(a)]`` where
 the first ``counts_E[0]`` rows belong to expert 0, the next ``counts_E[1]`` to
 expert 1, and so on. Every backend is differentiable in ``x`` and ``w``.
 
@@ -13,7 +13,7 @@ Backends are :class:`Backend` objects in one :class:`Registry`, ``BACKENDS``
 
 - ``loop``: a per-expert slice and ``@`` in plain PyTorch; the reference.
 - ``torch``: ``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm`` (CPU and
-  CUDA). K and N are zero-padded to its 16-byte stride rule; the upstream gradient
+  CUDA). I and J are zero-padded to its 16-byte stride rule; the upstream gradient
   is made contiguous before its backward (it rejects zero-stride grads).
 - ``triton``: the Triton kernels in ``moex.kernels.grouped_gemm`` (CUDA, or CPU
   tensors under ``TRITON_INTERPRET=1``).
@@ -51,14 +51,14 @@ class BackendUnavailable(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- loop
-def grouped_mm_reference(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_reference(x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
     """Plain PyTorch reference: slice the rows of each expert and multiply by its weight."""
     sizes = [int(c) for c in counts_E.tolist()]
-    if sum(sizes) != x_AK.shape[0]:
-        raise ValueError(f"counts_E sums to {sum(sizes)} but x has {x_AK.shape[0]} rows")
-    parts = [x_e @ w_EKN[e] for e, x_e in enumerate(torch.split(x_AK, sizes)) if sizes[e] > 0]
-    if not parts:  # no rows: a (0, K) @ (K, N) product keeps x and w in the graph (zero grads)
-        return x_AK @ w_EKN[0]
+    if sum(sizes) != x_AI.shape[0]:
+        raise ValueError(f"counts_E sums to {sum(sizes)} but x has {x_AI.shape[0]} rows")
+    parts = [x_e @ w_EIJ[e] for e, x_e in enumerate(torch.split(x_AI, sizes)) if sizes[e] > 0]
+    if not parts:  # no rows: a (0, I) @ (I, J) product keeps x and w in the graph (zero grads)
+        return x_AI @ w_EIJ[0]
     return torch.cat(parts)
 
 
@@ -68,7 +68,7 @@ class Backend(abc.ABC):
 
     ``reason(device, dtype)`` is why it cannot run there (None when it can; cached per
     device and dtype on the object), ``available(device, dtype)`` is ``reason(...) is None``
-    and ``grouped_mm(x_AK, w_EKN, counts_E)`` runs it (differentiable in x and w).
+    and ``grouped_mm(x_AI, w_EIJ, counts_E)`` runs it (differentiable in x and w).
     """
 
     name = ""
@@ -93,8 +93,8 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        """``y_AN[a] = x_AK[a] @ w_EKN[e(a)]`` (inputs already validated by :func:`grouped_mm`)."""
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
+        """``y_AJ[a] = x_AI[a] @ w_EIJ[e(a)]`` (inputs already validated by :func:`grouped_mm`)."""
 
     def __repr__(self) -> str:
         return f"<grouped_mm backend {self.name!r}>"
@@ -105,8 +105,8 @@ class LoopBackend(Backend):
 
     name = "loop"
 
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        return grouped_mm_reference(x_AK, w_EKN, counts_E)
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
+        return grouped_mm_reference(x_AI, w_EIJ, counts_E)
 
 
 _TORCH_GMM: Callable | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -151,19 +151,19 @@ class TorchBackend(Backend):
         y.backward(torch.ones_like(y))
         return bool(torch.all(y == 16)) and bool(torch.all(w.grad == 8))
 
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        K, N = w_EKN.shape[1], w_EKN.shape[2]
-        mult = max(1, 16 // x_AK.element_size())  # 16-byte leading strides
-        Kp, Np = _pad_to(K, mult), _pad_to(N, mult)
-        x = F.pad(x_AK, (0, Kp - K)) if Kp != K else x_AK.contiguous()
-        w = F.pad(w_EKN, (0, Np - N, 0, Kp - K)) if (Kp, Np) != (K, N) else w_EKN.contiguous()
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
+        I, J = w_EIJ.shape[1], w_EIJ.shape[2]
+        mult = max(1, 16 // x_AI.element_size())  # 16-byte leading strides
+        Ip, Jp = _pad_to(I, mult), _pad_to(J, mult)
+        x = F.pad(x_AI, (0, Ip - I)) if Ip != I else x_AI.contiguous()
+        w = F.pad(w_EIJ, (0, Jp - J, 0, Ip - I)) if (Ip, Jp) != (I, J) else w_EIJ.contiguous()
         if x.data_ptr() % 16:
             x = x.clone()
         if w.data_ptr() % 16:
             w = w.clone()
         offs_E = torch.cumsum(counts_E.to(device=x.device), 0, dtype=torch.int32)
-        y_AN = _ContiguousGrad.apply(_TORCH_GMM(x, w, offs=offs_E))
-        return y_AN[:, :N] if Np != N else y_AN
+        y_AJ = _ContiguousGrad.apply(_TORCH_GMM(x, w, offs=offs_E))
+        return y_AJ[:, :J] if Jp != J else y_AJ
 
 
 class TritonBackend(Backend):
@@ -187,8 +187,8 @@ class TritonBackend(Backend):
             return f"triton grouped GEMM supports fp32/fp16/bf16, not {dtype}"
         return None
 
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        return triton_grouped_mm(x_AK, w_EKN, counts_E)
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
+        return triton_grouped_mm(x_AI, w_EIJ, counts_E)
 
 
 class GroupedGemmBackend(Backend):
@@ -205,11 +205,11 @@ class GroupedGemmBackend(Backend):
             return f"grouped_gemm needs CUDA tensors (got {device.type})"
         return None
 
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
         import grouped_gemm.ops as gg
 
         # batch_sizes must be a CPU int64 tensor; its GroupedGemm Function is differentiable.
-        return gg.gmm(x_AK.contiguous(), w_EKN.contiguous(), counts_E.to("cpu", torch.int64), trans_b=False)
+        return gg.gmm(x_AI.contiguous(), w_EIJ.contiguous(), counts_E.to("cpu", torch.int64), trans_b=False)
 
 
 class MegablocksBackend(Backend):
@@ -237,8 +237,8 @@ class MegablocksBackend(Backend):
             return f"megablocks needs CUDA tensors (got {device.type})"
         return None
 
-    def grouped_mm(self, x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        return self._gmm()(x_AK.contiguous(), w_EKN.contiguous(), counts_E.to("cpu", torch.int64), False)
+    def grouped_mm(self, x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor) -> Tensor:
+        return self._gmm()(x_AI.contiguous(), w_EIJ.contiguous(), counts_E.to("cpu", torch.int64), False)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -313,26 +313,26 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return chosen.name, reason
 
 
-def grouped_mm(x_AK: Tensor, w_EKN: Tensor, counts_E: Tensor, *, backend: str = "auto") -> Tensor:
-    """Grouped matmul: ``y_AN[a] = x_AK[a] @ w_EKN[e(a)]`` for rows grouped by expert.
+def grouped_mm(x_AI: Tensor, w_EIJ: Tensor, counts_E: Tensor, *, backend: str = "auto") -> Tensor:
+    """Grouped matmul: ``y_AJ[a] = x_AI[a] @ w_EIJ[e(a)]`` for rows grouped by expert.
 
     Args:
-        x_AK: rows sorted by expert (e.g. by :func:`moex.ops.sort_by_expert`).
-        w_EKN: one (K, N) weight per expert; same dtype as ``x_AK``.
+        x_AI: rows sorted by expert (e.g. by :func:`moex.ops.sort_by_expert`).
+        w_EIJ: one (I, J) weight per expert; same dtype as ``x_AI``.
         counts_E: integer rows per expert; must sum to A. Any device.
         backend: ``auto`` | ``loop`` | ``torch`` | ``triton`` | ``grouped_gemm`` | ``megablocks``.
 
     Returns:
-        y_AN, differentiable in ``x_AK`` and ``w_EKN``.
+        y_AJ, differentiable in ``x_AI`` and ``w_EIJ``.
     """
-    if x_AK.dim() != 2 or w_EKN.dim() != 3 or x_AK.shape[1] != w_EKN.shape[1]:
-        raise ValueError(f"expected x (A, K) and w (E, K, N), got {tuple(x_AK.shape)} and {tuple(w_EKN.shape)}")
-    if counts_E.shape != (w_EKN.shape[0],):
-        raise ValueError(f"counts_E must have shape ({w_EKN.shape[0]},), got {tuple(counts_E.shape)}")
-    if x_AK.dtype != w_EKN.dtype:
-        raise ValueError(f"x and w dtypes differ: {x_AK.dtype} vs {w_EKN.dtype}")
-    if counts_E.device.type == "cpu" and int(counts_E.sum()) != x_AK.shape[0]:  # free check; no device sync
-        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_AK.shape[0]} rows")
-    chosen, reason = BACKENDS.resolve(backend, x_AK.device, x_AK.dtype)
-    BACKENDS.log_once(backend, chosen, x_AK.device, x_AK.dtype, reason)
-    return chosen.grouped_mm(x_AK, w_EKN, counts_E)
+    if x_AI.dim() != 2 or w_EIJ.dim() != 3 or x_AI.shape[1] != w_EIJ.shape[1]:
+        raise ValueError(f"expected x (A, I) and w (E, I, J), got {tuple(x_AI.shape)} and {tuple(w_EIJ.shape)}")
+    if counts_E.shape != (w_EIJ.shape[0],):
+        raise ValueError(f"counts_E must have shape ({w_EIJ.shape[0]},), got {tuple(counts_E.shape)}")
+    if x_AI.dtype != w_EIJ.dtype:
+        raise ValueError(f"x and w dtypes differ: {x_AI.dtype} vs {w_EIJ.dtype}")
+    if counts_E.device.type == "cpu" and int(counts_E.sum()) != x_AI.shape[0]:  # free check; no device sync
+        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_AI.shape[0]} rows")
+    chosen, reason = BACKENDS.resolve(backend, x_AI.device, x_AI.dtype)
+    BACKENDS.log_once(backend, chosen, x_AI.device, x_AI.dtype, reason)
+    return chosen.grouped_mm(x_AI, w_EIJ, counts_E)
