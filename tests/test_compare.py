@@ -47,15 +47,21 @@ def test_summary_and_markdown_with_extra_columns():
     assert lines[0].count("|") == lines[2].count("|") and "coverage" in lines[0] and "0.420" in lines[2]
 
 
-def test_two_variant_smoke_run_writes_report_and_resumes(tmp_path):
+def tiny_recipe(tmp_path, *, block_size: int, steps: int, batch_size: int, eval_batches: int) -> Path:
+    """A one-layer dense recipe on 40 generated games that trains `steps` steps and checkpoints at the end."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 32, "ffn": "dense", "d_ff": 32},
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": block_size, "ffn": "dense", "d_ff": 32},
         "data": {"source": "chess_random", "num_games": 40, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 3, "batch_size": 4, "eval_interval": 3, "eval_batches": 2, "log_interval": 1,
-                  "ckpt_interval": 3, "threads": 1},
+        "train": {"max_steps": steps, "batch_size": batch_size, "eval_interval": steps, "eval_batches": eval_batches,
+                  "log_interval": 1, "ckpt_interval": steps, "threads": 1},
         "optim": {"warmup_steps": 1},
     }))
+    return recipe
+
+
+def test_two_variant_smoke_run_writes_report_and_resumes(tmp_path):
+    recipe = tiny_recipe(tmp_path, block_size=32, steps=3, batch_size=4, eval_batches=2)
     out = tmp_path / "cmp"
     extra = lambda name, run_dir, res: {"ckpt_step": res["step"]}
     payload = compare(str(recipe), ["dense-relu", "topk2"], out, [], extra=extra, log=lambda *_: None)
@@ -84,14 +90,7 @@ SHARED_PGN = ROOT.parent / "shared/data/chess/games.pgn"
 def test_compare_with_interp_chess_columns(tmp_path):
     from moex.compare.command import main
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 256, "ffn": "dense", "d_ff": 32},
-        "data": {"source": "chess_random", "num_games": 40, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 2, "batch_size": 2, "eval_interval": 2, "eval_batches": 1, "log_interval": 1,
-                  "ckpt_interval": 2, "threads": 1},
-        "optim": {"warmup_steps": 1},
-    }))
+    recipe = tiny_recipe(tmp_path, block_size=256, steps=2, batch_size=2, eval_batches=1)
     out = tmp_path / "cmp"
     assert main([str(recipe), "--routers", "dense-relu,topk2", "--out", str(out), "--interp", "chess",
                  "--interp-games", "8", "--pgn", str(SHARED_PGN)]) == 0
