@@ -1,4 +1,4 @@
-"""`moex train|eval|info|compare|upcycle|generate …` — the command line.
+"""`moex train|prepare|eval|info|compare|upcycle|generate …` — the command line.
 
     moex train recipes/chess-tiny.yaml model.moe.num_experts=16 train.max_steps=200
     moex eval runs/chess-tiny
@@ -133,6 +133,7 @@ def cmd_info(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
 # Commands that live next to their feature: each module has add_arguments(parser) and run(args).
 PLUGINS = {
+    "prepare": ("moex.data.command", "tokenize a recipe's data into sharded token files (streaming, parallel, resumable)"),
     "compare": ("moex.compare.command", "train router/expert variants side by side and tabulate them"),
     "upcycle": ("moex.upcycle", "initialise a MoE-X model from a trained dense ReLU checkpoint"),
     "interpret": ("moex.interp.command", "interpretability suites (chess board state, text) on a checkpoint"),

@@ -205,12 +205,13 @@ class DataConfig:
     val_fraction: float = 0.05
     seed: int = 1234
     cache_dir: str = ".moex_cache"
-    num_workers: int = 0  # processes/threads for game generation and tokenizer training (0 = os.cpu_count())
+    num_workers: int = 0  # processes/threads for tokenizing, tokenizer training, game generation (0 = os.cpu_count())
+    shard_tokens: int = 100_000_000  # prepared data: a token file closes after the chunk that reaches this size
 
     def validate(self, section: str = "data") -> None:
         _non_negative(self, section, "num_games")
         _non_negative(self, section, "num_workers")
-        _positive(self, section, "max_game_chars", "vocab_size")
+        _positive(self, section, "max_game_chars", "vocab_size", "shard_tokens")
         _need(0 < self.val_fraction < 1, f"{section}.val_fraction", self.val_fraction, "must be in (0, 1)")
         if self.source in ("pgn", "text"):
             _need(bool(self.path), f"{section}.path", self.path, f"is needed with {section}.source={self.source!r}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import moex.data.build as build_mod
+import moex.data.stream as stream_mod
 from moex.config import DataConfig
 from moex.data import (
     ChessTokenizer,
@@ -22,7 +22,7 @@ from moex.data import (
     random_games,
     read_pgn,
 )
-from moex.data.packing import write_tokens
+from moex.data.prepare import read_index, shard_paths
 from moex.data.tokenizers import ByteTokenizer
 
 SHARED_PGN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chess" / "games.pgn"
@@ -147,14 +147,6 @@ def _blocks(tmp_path, n_tokens=1000, block_size=9, seed=0):
     return TokenBlocks(path, block_size, np.uint16, seed=seed)
 
 
-def test_write_tokens_matches_tokenizer(tmp_path):
-    docs = ["héllo\n", "", "world\n"]
-    n = write_tokens(tmp_path / "a.bin", docs, ByteTokenizer(), batch_docs=2)
-    data = np.fromfile(tmp_path / "a.bin", dtype=np.uint16)
-    assert n == len(data) and data.tolist() == list("".join(docs).encode())
-    assert not list(tmp_path.glob(".*tmp"))
-
-
 def test_get_batch_shift_determinism_and_epochs(tmp_path):
     blocks = _blocks(tmp_path)  # 1000 tokens in blocks of 10 -> 100 blocks
     assert len(blocks) == 100
@@ -199,6 +191,12 @@ def test_iter_eval_deterministic_in_order(tmp_path):
 # --------------------------------------------------------------------------- build_data
 
 
+def _split_tokens(cache_dir, split):
+    """A split's whole token stream: its shard files concatenated."""
+    paths = shard_paths(cache_dir, read_index(cache_dir), split)
+    return np.concatenate([np.fromfile(p, dtype=np.uint16) for p in paths])
+
+
 def _chess_cfg(tmp_path, **kw):
     return DataConfig(source="chess_random", num_games=40, val_fraction=0.1, cache_dir=str(tmp_path / "cache"), **kw)
 
@@ -213,7 +211,7 @@ def test_build_data_chess_cache_hit_skips_tokenizing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("cache miss: data was regenerated or re-tokenized")
 
-    monkeypatch.setattr(build_mod, "random_games", boom)
+    monkeypatch.setattr(stream_mod, "random_games", boom)
     monkeypatch.setattr(ChessTokenizer, "encode", boom)
     second = build_data(cfg, 64, tmp_path / "tok", progress=False)
     assert second.info["cache_hit"] and second.info["train"] == first.info["train"]
@@ -228,11 +226,11 @@ def test_build_data_chess_cache_hit_skips_tokenizing(tmp_path, monkeypatch):
 def test_chess_train_val_games_disjoint_and_complete(tmp_path):
     cfg = _chess_cfg(tmp_path)
     train, val = load_documents(cfg)
-    games = random_games(40, cfg.seed, build_mod.RANDOM_GAME_MAX_PLIES, cfg.max_game_chars)
+    games = random_games(40, cfg.seed, stream_mod.RANDOM_GAME_MAX_PLIES, cfg.max_game_chars)
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(games) and len(val) == 4
     bundle = build_data(cfg, 64, progress=False)
-    stream = np.fromfile(Path(bundle.info["cache_dir"]) / "val.bin", dtype=np.uint16)
+    stream = _split_tokens(bundle.info["cache_dir"], "val")
     assert bundle.tokenizer.decode(stream.tolist()) == "".join(val)
 
 
@@ -248,7 +246,7 @@ def test_build_data_text_with_data_root_env(tmp_path, monkeypatch):
     info = bundle.info
     assert info["train"]["documents"] == 30 and info["val"]["documents"] == 10
     assert info["val"]["words"] == sum(len(line.split()) for line in lines[30:])
-    stream = np.fromfile(Path(info["cache_dir"]) / "train.bin", dtype=np.uint16)
+    stream = _split_tokens(info["cache_dir"], "train")
     assert bundle.tokenizer.decode(stream.tolist()) == "".join(line + "\n" for line in lines[:30])
     assert info["train"]["blocks"] == len(stream) // 17
     with pytest.raises(DataError, match="holds a char tokenizer"):

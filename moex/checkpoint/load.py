@@ -52,3 +52,15 @@ def load_model(path: str | Path, device="cpu", warn=None) -> Loaded:
                               f"unexpected {unexpected})")
     model.to(device).eval()
     return Loaded(cfg, model, run_dir, ckpt, int(meta["step"]))
+
+
+def adopt_tokenizer(init_from: str, run_dir: Path) -> None:
+    """A run initialised from another run's weights needs its token ids: copy its tokenizer (if this run has none)."""
+    p = Path(init_from)
+    if not p.is_dir() or (run_dir / "tokenizer").exists():
+        return
+    src_run, _ = fmt.resolve(p)
+    if (src_run / "tokenizer").is_dir():
+        import shutil
+
+        shutil.copytree(src_run / "tokenizer", run_dir / "tokenizer")

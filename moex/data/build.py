@@ -1,30 +1,22 @@
-"""`build_data`: DataConfig -> tokenizer + cached train/val token blocks."""
+"""`build_data`: DataConfig -> tokenizer + prepared (sharded, cached) train/val token blocks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moex.config import DataConfig
-from moex.data.chess_games import read_pgn, random_games
 from moex.data.errors import DataError
-from moex.data.packing import TokenBlocks, atomic_write_text, read_meta, write_tokens
-from moex.data.sources import (
-    count_words,
-    is_hub_name,
-    load_text_documents,
-    resolve_path,
-    source_fingerprint,
-    split_games,
-    split_tail,
-)
-from moex.data.tokenizers import Tokenizer, build_tokenizer, has_saved_tokenizer, load_tokenizer, token_dtype
+from moex.data.packing import TokenBlocks
+from moex.data.prepare import prepare, read_index, shard_paths
+from moex.data.sources import is_hub_name, source_fingerprint
+from moex.data.stream import RANDOM_GAME_MAX_PLIES, SPLITS, TRAIN, Documents, num_workers
+from moex.data.tokenizers import Tokenizer, build_tokenizer, has_saved_tokenizer, load_tokenizer
 
-CACHE_VERSION = 1
-RANDOM_GAME_MAX_PLIES = 120  # ~640 characters per game; keeps 2000 games to a few seconds
+CACHE_VERSION = 2  # 2: sharded token files with index.json (the token stream itself is unchanged)
 
 
 @dataclass
@@ -35,42 +27,18 @@ class DataBundle:
     info: dict = field(default_factory=dict)
 
 
-def load_documents(cfg: DataConfig, *, progress: bool = False) -> tuple[list[str], list[str]]:
-    """(train_docs, val_docs) exactly as `build_data` tokenizes them (e.g. held-out games for eval)."""
-    if cfg.source == "chess_random":
-        if cfg.num_games < 2:
-            raise DataError(f"data.num_games={cfg.num_games}: chess_random needs at least 2 games")
-        workers = (cfg.num_workers or os.cpu_count() or 1) if cfg.num_games >= 500 else 1
-        games = random_games(
-            cfg.num_games, cfg.seed, RANDOM_GAME_MAX_PLIES, cfg.max_game_chars, workers=workers, progress=progress
-        )
-        return split_games(games, cfg.val_fraction, cfg.seed)
-    if cfg.source == "pgn":
-        games = read_pgn(resolve_path(cfg, cfg.path), cfg.num_games, cfg.max_game_chars, cache_dir=cfg.cache_dir)
-        return split_games(games, cfg.val_fraction, cfg.seed)
-    if cfg.source == "text":
-        docs = load_text_documents(cfg, cfg.path)
-        if cfg.val_path is None:
-            return split_tail(docs, cfg.val_fraction)
-        if is_hub_name(cfg, cfg.path):  # with a hub dataset, val_path names a split
-            return docs, load_text_documents(cfg, cfg.path, split=cfg.val_path)
-        return docs, load_text_documents(cfg, cfg.val_path)
-    raise DataError(f"unknown data.source {cfg.source!r}")
+@dataclass
+class Prepared:
+    """Where a config's tokens live and what they hold (`index` is the parsed index.json)."""
+
+    tokenizer: Tokenizer
+    cache_dir: Path
+    index: dict
+    cache_hit: bool
+    seconds: float = 0.0
 
 
-class _Documents:
-    """Loads documents once, only if something needs them (a cache hit does not)."""
-
-    def __init__(self, cfg: DataConfig, progress: bool):
-        self.cfg, self.progress, self._docs = cfg, progress, None
-
-    def get(self) -> tuple[list[str], list[str]]:
-        if self._docs is None:
-            self._docs = load_documents(self.cfg, progress=self.progress)
-        return self._docs
-
-
-def _tokenizer(cfg: DataConfig, tokenizer_dir: str | Path | None, docs: _Documents) -> Tokenizer:
+def _tokenizer(cfg: DataConfig, tokenizer_dir: str | Path | None, docs: Documents) -> Tokenizer:
     if has_saved_tokenizer(tokenizer_dir):
         tok = load_tokenizer(tokenizer_dir)
         if tok.kind != cfg.tokenizer:
@@ -78,11 +46,11 @@ def _tokenizer(cfg: DataConfig, tokenizer_dir: str | Path | None, docs: _Documen
         return tok
     if cfg.tokenizer in ("chess", "byte"):
         tok = build_tokenizer(cfg.tokenizer)
-    else:
-        train_docs, val_docs = docs.get()
-        # char: the vocabulary covers val (and the newlines between lines) so every character encodes
-        texts = _stream_docs(cfg, train_docs + val_docs) if cfg.tokenizer == "char" else train_docs
-        tok = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, num_threads=cfg.num_workers)
+    elif cfg.tokenizer == "char":  # the vocabulary covers val (and the newlines between lines) so every character encodes
+        tok = build_tokenizer("char", (d + docs.sep for _, d in docs.pairs()))
+    else:  # sentencepiece samples at most 2M train documents from the stream (input_sentence_size)
+        tok = build_tokenizer(cfg.tokenizer, docs.texts(TRAIN), vocab_size=cfg.vocab_size,
+                              num_threads=num_workers(cfg))
     if tokenizer_dir is not None:
         tok.save(tokenizer_dir)
     return tok
@@ -110,55 +78,45 @@ def cache_key(cfg: DataConfig, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def _stream_docs(cfg: DataConfig, docs: list[str]) -> list[str]:
-    """Documents as they enter the token stream: text lines get their newline back."""
-    return [d + "\n" for d in docs] if cfg.source == "text" else docs
+def prepare_data(cfg: DataConfig, tokenizer_dir: str | Path | None = None, *, progress: bool = True) -> Prepared:
+    """Tokenize `cfg`'s documents once into `cfg.cache_dir/<source>-<hash>/` (sharded, resumable).
 
-
-def _write_cache(cache: Path, cfg: DataConfig, tok: Tokenizer, docs: _Documents, progress: bool) -> dict:
-    train_docs, val_docs = (_stream_docs(cfg, d) for d in docs.get())
-    meta: dict = {"dtype": token_dtype(tok.vocab_size).name, "tokenizer": tok.identity(), "source": cfg.source}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        n_tokens = write_tokens(cache / f"{split}.bin", split_docs, tok, progress=progress)
-        meta[split] = {
-            "documents": len(split_docs),
-            "tokens": n_tokens,
-            "chars": sum(len(d) for d in split_docs),
-            "words": count_words(split_docs),
-        }
-    atomic_write_text(cache / "meta.json", json.dumps(meta, indent=1))  # last: marks the cache complete
-    return meta
+    A tokenizer saved in `tokenizer_dir` is reused (resume/eval); otherwise one is
+    built (or trained) and saved there. A complete preparation with the same input,
+    split and tokenizer is reused as is; an interrupted one is continued.
+    """
+    docs = Documents(cfg, progress=progress)
+    tok = _tokenizer(cfg, tokenizer_dir, docs)
+    cache = Path(cfg.cache_dir) / f"{cfg.source}-{cache_key(cfg, tok)}"
+    index = read_index(cache)
+    if index is not None:
+        return Prepared(tok, cache, index, cache_hit=True)
+    t0 = time.perf_counter()
+    index = prepare(docs, tok, cache, workers=num_workers(cfg), shard_tokens=cfg.shard_tokens, progress=progress)
+    return Prepared(tok, cache, index, cache_hit=False, seconds=time.perf_counter() - t0)
 
 
 def build_data(
     cfg: DataConfig, block_size: int, tokenizer_dir: str | Path | None = None, *, progress: bool = True
 ) -> DataBundle:
-    """Tokenizer plus train/val `TokenBlocks` for `cfg`, tokenized once and cached.
-
-    A tokenizer saved in `tokenizer_dir` is reused (resume/eval); otherwise one is
-    built (or trained) and saved there. Token files live in
-    `cfg.cache_dir/<source>-<hash>/` and are reused by every later call with the
-    same input, split and tokenizer (any block_size).
-    """
+    """Tokenizer plus train/val `TokenBlocks` for `cfg`, prepared once (see `prepare_data`) and
+    read lazily from the shards by every later call with the same data (any block_size)."""
     if block_size < 1:
         raise DataError(f"block_size must be positive, got {block_size}")
-    docs = _Documents(cfg, progress)
-    tok = _tokenizer(cfg, tokenizer_dir, docs)
-    cache = Path(cfg.cache_dir) / f"{cfg.source}-{cache_key(cfg, tok)}"
-    meta = read_meta(cache / "meta.json")
-    cache_hit = meta is not None
-    if meta is None:
-        meta = _write_cache(cache, cfg, tok, docs, progress)
-    train = TokenBlocks(cache / "train.bin", block_size, meta["dtype"], seed=cfg.seed, name="train")
-    val = TokenBlocks(cache / "val.bin", block_size, meta["dtype"], seed=cfg.seed + 1, name="val")
+    prep = prepare_data(cfg, tokenizer_dir, progress=progress)
+    index, cache = prep.index, prep.cache_dir
+    train = TokenBlocks(shard_paths(cache, index, "train"), block_size, index["dtype"], seed=cfg.seed, name="train")
+    val = TokenBlocks(shard_paths(cache, index, "val"), block_size, index["dtype"], seed=cfg.seed + 1, name="val")
     info = {
         "source": cfg.source,
         "cache_dir": str(cache),
-        "cache_hit": cache_hit,
-        "tokenizer": tok.identity(),
-        "vocab_size": tok.vocab_size,
+        "cache_hit": prep.cache_hit,
+        "tokenizer": prep.tokenizer.identity(),
+        "vocab_size": prep.tokenizer.vocab_size,
         "block_size": block_size,
-        "train": {**meta["train"], "blocks": len(train)},
-        "val": {**meta["val"], "blocks": len(val)},
     }
-    return DataBundle(tokenizer=tok, train=train, val=val, info=info)
+    for split, blocks in zip(SPLITS, (train, val)):
+        entry = index["splits"][split]
+        info[split] = {k: entry[k] for k in ("documents", "tokens", "chars", "words")}
+        info[split].update(shards=len(entry["shards"]), blocks=len(blocks))
+    return DataBundle(tokenizer=prep.tokenizer, train=train, val=val, info=info)

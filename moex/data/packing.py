@@ -1,84 +1,79 @@
-"""Token blocks: documents -> one token stream -> fixed blocks of `block_size + 1` tokens on disk.
+"""Token blocks: one token stream on disk -> fixed blocks of `block_size + 1` tokens.
 
-The stream lives in a flat memmap (`uint16` when the vocabulary allows); block i
-is tokens [i*(T+1), (i+1)*(T+1)), the tail that fills no block is kept on disk
-but never served. Batches are a pure function of the step number (a seeded
-permutation per epoch), so resuming needs no data-iterator state.
+The stream is a token file or consecutive shard files (`uint16` when the
+vocabulary allows), each read through its own memmap; block i is tokens
+[i*(T+1), (i+1)*(T+1)) of the whole stream (it may span two shards), the tail
+that fills no block is kept on disk but never served. Batches are a pure
+function of the step number (a seeded permutation per epoch), so resuming
+needs no data-iterator state.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from moex.data.errors import DataError
-from moex.data.tokenizers import Tokenizer, token_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+class ShardedTokens:
+    """A token stream stored as consecutive shard files, read lazily (one memmap per shard, opened
+    on first use); `read(start, n)` gives tokens [start, start + n) of the concatenation."""
 
+    def __init__(self, paths: Sequence[str | Path], dtype: np.dtype | str):
+        self.dtype = np.dtype(dtype)
+        sizes = [Path(p).stat().st_size // self.dtype.itemsize for p in paths]
+        keep = [i for i, n in enumerate(sizes) if n]  # an empty file cannot be mapped and holds nothing
+        self.paths = [Path(paths[i]) for i in keep]
+        self.starts_S1 = np.concatenate([[0], np.cumsum([sizes[i] for i in keep])]).astype(np.int64)
+        self._maps: dict[int, np.memmap] = {}
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    def __len__(self) -> int:
+        return int(self.starts_S1[-1])
 
+    def _shard(self, s: int) -> np.memmap:
+        if s not in self._maps:
+            self._maps[s] = np.memmap(self.paths[s], dtype=self.dtype, mode="r")
+        return self._maps[s]
 
-def write_tokens(
-    path: str | Path, docs: Iterable[str], tokenizer: Tokenizer, *, batch_docs: int = 512, progress: bool = False
-) -> int:
-    """Tokenize `docs` in order into one flat token file at `path` (written atomically); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    docs = list(docs)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit="doc", leave=False)
-    tmp = _tmp_name(path)
-    n_tokens = 0
-    try:
-        with open(tmp, "wb") as f:
-            for start in range(0, len(docs), batch_docs):
-                chunk = docs[start : start + batch_docs]
-                for ids in tokenizer.encode_batch(chunk):
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    n_tokens += len(ids)
-                if bar:
-                    bar.update(len(chunk))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        if bar:
-            bar.close()
-    return n_tokens
+    def read(self, start: int, n: int) -> np.ndarray:
+        if start < 0 or n < 0 or start + n > len(self):
+            raise IndexError(f"tokens [{start}, {start + n}) outside a stream of {len(self)}")
+        out = np.empty(n, dtype=self.dtype)
+        s = int(np.searchsorted(self.starts_S1, start, side="right")) - 1
+        done = 0
+        while done < n:
+            lo = start + done - int(self.starts_S1[s])
+            take = min(n - done, int(self.starts_S1[s + 1]) - (start + done))
+            out[done : done + take] = self._shard(s)[lo : lo + take]
+            done += take
+            s += 1
+        return out
 
 
 class TokenBlocks:
-    """Fixed-length blocks of a token file; `get_batch(step, ...)` is deterministic in `step`."""
+    """Fixed-length blocks of a token file or of consecutive shard files (one stream);
+    `get_batch(step, ...)` is deterministic in `step`."""
 
-    def __init__(self, path: str | Path, block_size: int, dtype: np.dtype | str, *, seed: int = 0, name: str = ""):
-        self.path = Path(path)
+    def __init__(self, paths: str | Path | Sequence[str | Path], block_size: int, dtype: np.dtype | str, *,
+                 seed: int = 0, name: str = ""):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        self.tokens = ShardedTokens(paths, dtype)
         self.block_size = block_size
         self.seed = seed
-        self.name = name or self.path.stem
-        dtype = np.dtype(dtype)
-        self.n_tokens = self.path.stat().st_size // dtype.itemsize
+        self.name = name or (Path(paths[0]).stem if paths else "data")
+        self.n_tokens = len(self.tokens)
         self.n_blocks = self.n_tokens // (block_size + 1)
         if self.n_blocks == 0:
             raise DataError(
                 f"{self.name} split has {self.n_tokens} tokens, fewer than one block of block_size+1="
                 f"{block_size + 1}; use more data, a larger val_fraction or a smaller block_size"
             )
-        self.blocks_NT1 = np.memmap(self.path, dtype=dtype, mode="r", shape=(self.n_blocks, block_size + 1))
         self._perm_epoch = -1
         self._perm_N: np.ndarray | None = None
 
@@ -108,7 +103,10 @@ class TokenBlocks:
         return out_B
 
     def _batch(self, idx_B: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks_BT1 = torch.from_numpy(self.blocks_NT1[idx_B].astype(np.int64))
+        import torch  # here, so that `moex prepare` and its tokenizing workers never load torch
+
+        W = self.block_size + 1
+        blocks_BT1 = torch.from_numpy(np.stack([self.tokens.read(int(i) * W, W) for i in idx_B]).astype(np.int64))
         return blocks_BT1[:, :-1], blocks_BT1[:, 1:]
 
     def get_batch(
@@ -134,16 +132,3 @@ class TokenBlocks:
         for b in range(n_batches):
             start = b * global_bs + rank * batch_size
             yield self._batch(np.arange(start, min(start + batch_size, self.n_blocks)))
-
-
-def read_meta(path: Path) -> dict | None:
-    """The cache's meta.json, or None when the cache is absent or incomplete."""
-    try:
-        meta = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    for split in ("train", "val"):
-        f = path.parent / f"{split}.bin"
-        if not f.is_file() or f.stat().st_size != meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize:
-            return None
-    return meta

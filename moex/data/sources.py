@@ -1,12 +1,13 @@
-"""Where documents come from: path resolution, text files / hub datasets, train/val splits.
+"""Where documents come from: path resolution, streamed text / JSON Lines files and hub datasets.
 
-Text goes through Hugging Face `datasets` (`load_dataset("text", ...)` for local
-files; a hub name with `hf_config` and `text_field` otherwise). A document is one
-row: a line of a text file. Chess documents are single games.
+A document is one row: a line of a text file, the `text_field` of one record of a
+`.jsonl` file, or one row of a hub dataset (read by `datasets` in streaming mode).
+Chess documents are single games. Nothing here holds a whole corpus in memory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -50,40 +51,13 @@ def resolve_path(cfg: DataConfig, path: str | None) -> Path:
 
 
 def text_files(path: Path) -> list[Path]:
-    """A file, or the sorted `*.txt` files of a directory."""
+    """A file, or the sorted `*.txt` and `*.jsonl` files of a directory."""
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.glob("*.txt") if p.is_file())
+    files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl") and p.is_file())
     if not files:
-        raise DataError(f"directory {path} holds no *.txt files")
+        raise DataError(f"directory {path} holds no *.txt or *.jsonl files")
     return files
-
-
-def _column(ds, field: str, where: str) -> list[str]:
-    if field not in ds.column_names:
-        raise DataError(f"{where}: no text field {field!r}; columns are {ds.column_names}")
-    return list(ds[field])
-
-
-def load_text_documents(cfg: DataConfig, path: str, split: str = "train") -> list[str]:
-    """The documents (rows) of a local text file/directory or of a hub dataset split."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    cache = str(Path(cfg.cache_dir) / "hf")
-    if is_hub_name(cfg, path):
-        name = path.removeprefix(HUB_PREFIX)
-        ds = datasets.load_dataset(name, cfg.hf_config, split=split, cache_dir=cache)
-        return _column(ds, cfg.text_field, f"dataset {name} ({cfg.hf_config}, {split})")
-    files = text_files(resolve_path(cfg, path))
-    for f in files:
-        check_text_file(f)
-    try:
-        ds = datasets.load_dataset("text", data_files={"train": [str(f) for f in files]}, split="train", cache_dir=cache)
-    except Exception as e:  # datasets wraps the cause in DatasetGenerationError, naming no file
-        cause = e.__cause__ or e
-        raise DataError(f"{', '.join(map(str, files))}: cannot read as text ({type(cause).__name__}: {cause})") from e
-    return _column(ds, "text", ", ".join(map(str, files)))
 
 
 def check_text_file(path: Path, probe_bytes: int = 1 << 16) -> None:
@@ -104,20 +78,80 @@ def check_text_file(path: Path, probe_bytes: int = 1 << 16) -> None:
 
 
 def iter_text_documents(cfg: DataConfig, path: str, split: str = "train") -> Iterator[str]:
-    """Stream the documents of a local text file/directory (one per line, exactly the rows
-    `load_text_documents` gives) or of a hub dataset split (`datasets` streaming mode).
+    """Stream the documents of a local text file/directory (one per line; a `.jsonl` file:
+    the `text_field` of each record) or of a hub dataset split (`datasets` streaming mode).
 
-    Memory stays bounded whatever the corpus size; a hub dataset without a network
-    fails with a DataError naming it.
+    Memory stays bounded whatever the corpus size. A line that is not UTF-8 (or not a
+    JSON record) is a DataError naming the file and line; a hub dataset without a
+    network fails with a DataError naming it.
     """
     if is_hub_name(cfg, path):
         yield from _iter_hub(cfg, path.removeprefix(HUB_PREFIX), split)
         return
     for f in text_files(resolve_path(cfg, path)):
         check_text_file(f)
-        with open(f, encoding="utf-8") as fh:  # universal newlines, as datasets' "text" loader reads
+        lines = _iter_lines(f)
+        yield from _iter_jsonl(f, lines, cfg.text_field) if f.suffix == ".jsonl" else lines
+
+
+def _iter_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file without their line break (universal newlines, as `datasets` reads)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
             for line in fh:
                 yield line[:-1] if line.endswith("\n") else line
+    except UnicodeDecodeError:
+        line_no, byte = _first_bad_utf8(path)
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {byte!r})") from None
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, bytes]:
+    """(1-based line, offending byte) of the first line of `path` that is not UTF-8 (the error path only)."""
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return i, raw[e.start : e.start + 1]
+    return 0, b""
+
+
+def _iter_jsonl(path: Path, lines: Iterator[str], field: str) -> Iterator[str]:
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not a JSON record ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{i}: no text field {field!r} holding a string (data.text_field); got {keys}")
+        yield record[field]
+
+
+def count_text_documents(cfg: DataConfig, path: str, split: str = "train") -> int:
+    """How many documents `iter_text_documents` yields; plain text files are counted by line breaks."""
+    if is_hub_name(cfg, path):
+        return sum(1 for _ in _iter_hub(cfg, path.removeprefix(HUB_PREFIX), split))
+    n = 0
+    for f in text_files(resolve_path(cfg, path)):
+        check_text_file(f)
+        breaks = None if f.suffix == ".jsonl" else _count_line_breaks(f)
+        n += breaks if breaks is not None else sum(1 for _ in iter_text_documents(cfg, str(f)))
+    return n
+
+
+def _count_line_breaks(path: Path, block: int = 1 << 24) -> int | None:
+    """Lines of a file that uses only \\n breaks (a last line without one counts), None if it has a \\r."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while buf := fh.read(block):
+            if b"\r" in buf:
+                return None
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    return n + (last != b"\n")
 
 
 def _iter_hub(cfg: DataConfig, name: str, split: str) -> Iterator[str]:
@@ -157,27 +191,20 @@ def source_fingerprint(cfg: DataConfig, path: str | None) -> list:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def split_games(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split by game: `val_fraction` of the games (at least one) go to val, never to train."""
+def _n_val(n: int, val_fraction: float, what: str) -> int:
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
-    n = len(docs)
     if n < 2:
-        raise DataError(f"need at least 2 games to split into train and val, got {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    val_idx = set(perm[:n_val].tolist())
-    train = [d for i, d in enumerate(docs) if i not in val_idx]
-    val = [d for i, d in enumerate(docs) if i in val_idx]
-    return train, val
+        raise DataError(f"need at least 2 {what} to split into train and val, got {n}")
+    return min(n - 1, max(1, round(n * val_fraction)))
 
 
-def split_tail(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """The last `val_fraction` of the documents (at least one) are val; text keeps its order."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
-    n = len(docs)
-    if n < 2:
-        raise DataError(f"need at least 2 documents to split into train and val, got {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    return docs[: n - n_val], docs[n - n_val :]
+def game_split(n: int, val_fraction: float, seed: int) -> set[int]:
+    """Indices of the val games: a seeded `val_fraction` of the n games (at least one), never in train."""
+    n_val = _n_val(n, val_fraction, "games")
+    return set(np.random.default_rng([seed, 7]).permutation(n)[:n_val].tolist())
+
+
+def tail_split(n: int, val_fraction: float) -> int:
+    """How many leading documents are train: the last `val_fraction` (at least one) are val, in order."""
+    return n - _n_val(n, val_fraction, "documents")

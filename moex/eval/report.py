@@ -29,8 +29,6 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: in
     `stride` 0 scores the split's non-overlapping blocks (block_size + 1 tokens each);
     a stride S in [1, block_size + 1] slides windows over its token stream instead.
     """
-    import numpy as np
-
     from moex.data import build_data
 
     loaded = load_model(path)
@@ -39,7 +37,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", max_batches: in
     blocks = data.val if split == "val" else data.train
     bs = batch_size or cfg.train.batch_size
     if stride:
-        tokens = np.memmap(blocks.path, dtype=blocks.blocks_NT1.dtype, mode="r")
+        tokens = blocks.tokens.read(0, blocks.n_tokens)  # the split's whole stream, all shards
         res = sliding_window_nll(loaded.model, tokens, block_size=cfg.model.block_size, stride=stride,
                                  batch_size=bs, progress=progress)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moex import checkpoint
+from moex.checkpoint.load import adopt_tokenizer
 from moex import config as C
 from moex.errors import CheckpointError, TrainingError
 from moex.eval.balance import StatsAccumulator, format_balance
@@ -135,7 +136,7 @@ class Trainer:
         if self.rank == 0:  # rank 0 tokenizes and fills the cache; the others then read it
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.train.init_from:
-                _adopt_tokenizer(cfg.train.init_from, self.run_dir)
+                adopt_tokenizer(cfg.train.init_from, self.run_dir)
             self.data = build_data(cfg.data, cfg.model.block_size, tokenizer_dir=self.run_dir / "tokenizer")
         distributed.barrier()
         if self.rank != 0:
@@ -367,18 +368,6 @@ class Trainer:
             bar.write(text)
         else:
             self._say(text)
-
-
-def _adopt_tokenizer(init_from: str, run_dir: Path) -> None:
-    """A run initialised from another run's weights needs its token ids: copy its tokenizer (if this run has none)."""
-    p = Path(init_from)
-    if not p.is_dir() or (run_dir / "tokenizer").exists():
-        return
-    src_run, _ = checkpoint.resolve(p)
-    if (src_run / "tokenizer").is_dir():
-        import shutil
-
-        shutil.copytree(src_run / "tokenizer", run_dir / "tokenizer")
 
 
 def _load_initial_weights(model, path: str) -> None:
