@@ -66,3 +66,13 @@ def test_chess_experiment_variants_have_equal_active_ffn_params():
     assert active["switch"] == active["dense-relu"] + L * D * E
     assert abs(active["monet-vd"] / active["dense-relu"] - 1) < 0.05  # + its routers, shared per 2 layers
     assert ci.max_steps() % 2 == 0 and ci.max_steps() // 2 % 200 == 0  # the upcycle start is a kept checkpoint
+
+
+@pytest.mark.slow
+def test_data_prep_benchmark_toy_sizes(tmp_path):
+    res, md = run("data_prep.py", "--sizes", "200KB,400KB", "--workers", "1,2", "--tokenizer", "byte", tmp_path=tmp_path)
+    rows = res["rows"]
+    assert [(r["size_bytes"], r["workers"]) for r in rows] == [(200_000, 1), (200_000, 2), (400_000, 1), (400_000, 2)]
+    assert rows[0]["tokens"] == rows[1]["tokens"] < rows[2]["tokens"] == rows[3]["tokens"]  # byte: tokens follow size
+    assert all(r["peak_pss_bytes"] > 0 and r["processes"] >= r["workers"] for r in rows)
+    assert "| 400 KB | 2 |" in md
