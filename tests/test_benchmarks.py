@@ -19,6 +19,7 @@ def run(script, *args, tmp_path):
     return json.loads((tmp_path / "r.json").read_text()), (tmp_path / "r.md").read_text()
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_toy_row(tmp_path):
     res, md = run("moe_layer.py", "--rows", "4,16,2,64,32", "--reps", "1", "--threads", "1", tmp_path=tmp_path)
     row = res["rows"][0]
@@ -30,6 +31,7 @@ def test_moe_layer_benchmark_toy_row(tmp_path):
     assert "| 4 | 16 | 2 | 64 | 32 |" in md
 
 
+@pytest.mark.slow
 def test_moe_profile_toy_row(tmp_path):
     res, md = run("moe_profile.py", "--rows", "4,16,2,64,32", "--steps", "1", tmp_path=tmp_path)
     cats = res["rows"][0]["by_category_s"]

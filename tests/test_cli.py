@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,11 +25,13 @@ def test_config_error_is_clear_and_exit_code_2(tmp_path):
     assert "unknown config key 'model.moe.num_expert'" in p.stderr and "num_experts" in p.stderr
 
 
+@pytest.mark.slow
 def test_info_prints_param_counts(tmp_path):
     out = json.loads(moex("info", str(ROOT / "recipes/gpt2-small-moex.yaml"), cwd=tmp_path).stdout)
     assert out["params_total"] > out["params_active"] > 100_000_000
 
 
+@pytest.mark.slow
 def test_train_then_eval(tmp_path):
     over = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32", "model.moe.d_expert=16",
             "data.num_games=40", "train.max_steps=4", "train.batch_size=4", "train.eval_interval=4",
@@ -43,6 +47,7 @@ def test_train_then_eval(tmp_path):
     assert "resumed from" in p2.stdout
 
 
+@pytest.mark.slow
 def test_cli_turns_on_huge_pages_before_torch_loads_unless_told_not_to():
     code = ("import os, sys; from moex import cli; cli.main(['info', sys.argv[1]]); "
             "import torch; print('THP=' + os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))")

@@ -60,6 +60,7 @@ def tiny_recipe(tmp_path, *, block_size: int, steps: int, batch_size: int, eval_
     return recipe
 
 
+@pytest.mark.slow
 def test_two_variant_smoke_run_writes_report_and_resumes(tmp_path):
     recipe = tiny_recipe(tmp_path, block_size=32, steps=3, batch_size=4, eval_batches=2)
     out = tmp_path / "cmp"

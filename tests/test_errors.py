@@ -122,6 +122,7 @@ def test_debug_env_shows_the_traceback(tmp_path, capsys, monkeypatch):
         cli.main(["info", str(tmp_path / "none.yaml")])
 
 
+@pytest.mark.slow
 def test_expert_parallel_on_one_process_is_refused_before_writing(tmp_path):
     # a subprocess: initialising torch.distributed here would leak MASTER_PORT into later tests
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -16,6 +16,7 @@ def chess_run(tmp_path_factory):
     return cwd
 
 
+@pytest.mark.slow
 def test_generate_continues_the_prompt_and_errors_are_clear(chess_run):
     args = ["generate", "runs/chess-tiny", "--prompt", ";1.e4 e5 2.", "--max-new-tokens", "40", "--top-k", "8"]
     a = moex(*args, "--seed", "3", cwd=chess_run).stdout
@@ -25,6 +26,7 @@ def test_generate_continues_the_prompt_and_errors_are_clear(chess_run):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_any_text_and_chess_legal(chess_run):
     (chess_run / "games.txt").write_text(";1.e4 e5 2.Nf3 Nc6 3.Bb5 a6\n;1.d4 d5 2.c4 e6 3.Nc3 Nf6\n" * 4)
     e = moex("eval", "runs/chess-tiny", "--data", "games.txt", "--stride", "8", "--words", "eol", cwd=chess_run)

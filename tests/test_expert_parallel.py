@@ -67,6 +67,7 @@ def _ep_layer_case(rank: int, world: int, router: str, top_k: int, suppress: tup
         ("topk", 2, (), {"activation": "swiglu", "num_shared_experts": 1, "shared_expert_gate": True}),
     ],
 )
+@pytest.mark.slow
 def test_two_rank_ep_layer_matches_one_rank(router, top_k, suppress, extra):
     layer, x_TD, g_TD = _layer_and_batch(router, top_k, suppress, extra)
     y_ref, gx_ref, grads_ref, stats = _grads(layer, x_TD, g_TD)

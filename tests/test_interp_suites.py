@@ -41,6 +41,7 @@ def write_pgn(path: Path, n: int = 12) -> None:
             print(game, file=f, end="\n\n")
 
 
+@pytest.mark.slow
 def test_chess_suite_report(tmp_path):
     moex("train", str(ROOT / "recipes/chess-tiny.yaml"), *TINY, "data.num_games=30", cwd=tmp_path)
     write_pgn(tmp_path / "eval.pgn")
@@ -82,6 +83,7 @@ def test_chess_suite_monet_with_dense_layers(tmp_path):
     assert rep["sources"]["L1.monet.experts"]["features"] == 64
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not UD.exists(), reason="shared UD data not present")
 def test_text_suite_report(tmp_path):
     import string

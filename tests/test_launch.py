@@ -134,6 +134,7 @@ def test_expand_hostlist_rejects_malformed(bad):
         expand_hostlist(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hostlist", sorted(HOSTLISTS))
 def test_expand_hostlist_matches_scontrol(hostlist, slurm_cluster):
     # scontrol expands hostlists locally; the fixture installs Slurm where it can (else skips)

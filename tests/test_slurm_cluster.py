@@ -7,7 +7,7 @@ import pytest
 
 from tests.slurm_cluster import REPO
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # each brings up a local cluster
 
 PRINT_LAUNCH = ("from moex.parallel.launch import detect_launch; i = detect_launch(); "
                 "print('rank', i.rank, i.local_rank, i.world_size, i.master_addr, "

@@ -195,6 +195,7 @@ def test_rerun_in_fresh_process():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_interpreter_raises():
     code = (
         "import os, torch; os.environ.pop('TRITON_INTERPRET', None)\n"
