@@ -135,6 +135,10 @@ def peer(H=2, N=5, k=3, D=8, act="relu", norm=True):
     return m.train()
 
 
+def _unreachable(*_):
+    raise AssertionError("PEER took the gather path where N^2 <= G*k*D")
+
+
 def test_product_key_topk_equals_bruteforce_topk():
     torch.manual_seed(3)
     for N, k in [(4, 1), (5, 3), (6, 6)]:
@@ -149,9 +153,8 @@ def test_product_key_topk_equals_bruteforce_topk():
 @pytest.mark.parametrize("act,norm,path", [("relu", True, "dense"), ("gelu", False, "dense"), ("relu", True, "gather")])
 def test_peer_matches_bruteforce_reference(act, norm, path, monkeypatch):
     m = peer(act=act, norm=norm)
-    assert 25 <= 2 * 3 * 8  # N^2 <= H*k*D: forward() takes the dense path; force the gather path too
-    if path == "gather":
-        monkeypatch.setattr(m, "_forward_dense", m._forward_gather)
+    other = {"dense": "_forward_gather", "gather": "_forward_dense"}[path]  # N^2 <= G*k*D picks dense
+    monkeypatch.setattr(m, other, m._forward_gather if path == "gather" else _unreachable)
     x = torch.randn(6, 8, requires_grad=True)
     y = m(x).y
     # brute force: score all N^2 experts by their full key [C1_i; C2_j], top-k, softmax, sum of neurons
