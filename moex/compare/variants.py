@@ -5,8 +5,8 @@ dense width F = `model.d_ff` so every variant has the same *active* FFN
 parameters per token as the dense baseline (2*D*F per layer):
 
     moe (E experts, top-k):   d_expert = F / k
-    monet (H heads, k of N):  d_expert M = F / (H*k)   (H*k of N sub-experts kept per key set)
-    peer (H heads):           top_k = F / H single-neuron experts per head, N >= k
+    monet (G heads, k of N):  d_expert M = F / (G*k)   (G*k of N sub-experts kept per key set)
+    peer (G heads):           top_k = F / G single-neuron experts per head, N >= k
 
 Routers, Monet's routers and PEER's query/keys come on top and are reported in
 the total/active parameter columns.
