@@ -120,8 +120,15 @@ def _chunks(pairs: Iterator[tuple[str, str]], skip: dict[str, int]) -> Iterator[
 
 def _encoded(chunks: Iterator[tuple[str, list[str]]], tok: Tokenizer, tok_dir: Path, workers: int, sep: str,
              dtype: np.dtype) -> Iterator[tuple[str, int, tuple[np.ndarray, int, int]]]:
-    """(split, documents, encode_chunk result) per chunk, in chunk order; a bounded window in flight."""
-    if workers <= 1:
+    """(split, documents, encode_chunk result) per chunk, in chunk order; a bounded window in flight.
+
+    Encodes in this process (same output) when one worker is asked for, when the whole
+    stream is at most `workers` chunks (a pool would cost more than it saves), or in a
+    daemonic process, which may not start children (e.g. a rank run by multiprocessing).
+    """
+    head = list(itertools.islice(chunks, workers + 1))
+    chunks = itertools.chain(head, chunks)
+    if workers <= 1 or len(head) <= workers or multiprocessing.current_process().daemon:
         for split, docs in chunks:
             yield split, len(docs), encode_chunk(tok, docs, sep, dtype)
         return
